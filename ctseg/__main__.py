@@ -1,0 +1,5 @@
+import sys
+
+from ctseg.cli import main
+
+sys.exit(main())
