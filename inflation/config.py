@@ -1,0 +1,149 @@
+"""Training configuration (YAML) as typed dataclasses; unknown keys are errors, not silently ignored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The training config is invalid; the message names the field."""
+
+
+@dataclass
+class LabelSpec:
+    name: str
+    source: list[int]  # label values in the dataset that make up this class
+    color: list[int] | None = None
+    type: dict[str, str] | None = None  # {value, scheme, meaning} to override the built-in SNOMED table
+    modifier: dict[str, str] | None = None
+
+
+@dataclass
+class DataConfig:
+    dataset: str  # dataset.json (MSD / nnU-Net layout) or a folder with imagesTr/ and labelsTr/
+    labels: list[LabelSpec]
+    val_cases: int = 0  # the last N cases are held out for validation
+    holdout_slab: list[float] | None = None  # [lo, hi] fraction of depth held out (one-patient data)
+    description: str = ""
+
+
+@dataclass
+class ModelSection:
+    name: str = "vit3d_tiny_patch16"  # registered variant
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: str | None = None  # output of `ctseg inflate`
+    backbone: str | None = None  # or inflate on the fly from timm's hub / a local file
+    weights: str | None = None
+    rule: str = "center"
+
+
+@dataclass
+class PreprocessSection:
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+
+
+@dataclass
+class AugmentSection:
+    flip_axes: list[int] = field(default_factory=list)  # (D, H, W) axes; W flips swap left and right organs
+    flip_prob: float = 0.5
+    rotate_deg: float = 15.0
+    rotate_prob: float = 0.3
+    zoom: float = 0.15
+    zoom_prob: float = 0.3
+    intensity_shift: float = 0.1
+    intensity_scale: float = 0.1
+    intensity_prob: float = 0.5
+    noise_std: float = 0.02
+    noise_prob: float = 0.2
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 2
+    crops_per_case: int = 2
+    background_ratio: float = 0.5  # crop centres on background vs on each class
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    loss: Literal["dicece", "dicefocal"] = "dicece"
+    val_every: int = 200
+    ckpt_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    amp: bool = True  # on CUDA only
+    num_workers: int = 0
+    sw_overlap: float = 0.25
+    sw_batch: int = 4
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    data: DataConfig
+    version: str = "0.1.0"
+    description: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: str = "runs/train"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        cfg = _build(cls, raw, "config")
+        base = path.parent
+        if not Path(cfg.data.dataset).is_absolute():
+            cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, raw, "config")
+
+
+def _build(kind: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(kind)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        ftype = known[name].type
+        sub = _dataclass_of(ftype)
+        if sub is not None and isinstance(value, dict):
+            values[name] = _build(sub, value, f"{where}.{name}")
+        elif name == "labels" and kind is DataConfig:
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}.labels: a non-empty list of {{name, source}} is required")
+            values[name] = [_build(LabelSpec, item, f"{where}.labels[{i}]") for i, item in enumerate(value)]
+        else:
+            values[name] = value
+    try:
+        return kind(**values)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _dataclass_of(ftype: Any) -> Any:
+    names = {"DataConfig": DataConfig, "ModelSection": ModelSection, "PreprocessSection": PreprocessSection,
+             "AugmentSection": AugmentSection, "TrainSection": TrainSection}
+    if isinstance(ftype, str):
+        return names.get(ftype)
+    return ftype if is_dataclass(ftype) else None

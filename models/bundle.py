@@ -1,0 +1,115 @@
+"""The model bundle: a directory with ``model.onnx``, ``model.ts`` and a self-describing ``ctseg.json``.
+
+Written by ``ctseg export``, read (torch-free) by the service. The loader validates the manifest's fields and
+every file's sha256, and fails with an error that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig
+from models.labels import Label
+from models.preprocess import PreprocessSpec
+
+MANIFEST = "ctseg.json"
+FORMAT = "ctseg-bundle/1"
+REQUIRED = ("format", "name", "version", "created", "model", "preprocess", "labels", "files", "modality")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, or its files do not match their checksums."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle on disk."""
+
+    path: Path
+    name: str
+    version: str
+    modality: str
+    model: ModelConfig
+    preprocess: PreprocessSpec
+    labels: tuple[Label, ...]
+    files: dict[str, str]
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def torchscript_path(self) -> Path:
+        return self.path / "model.ts"
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def label_names(self) -> dict[int, str]:
+        return {label.value: label.name for label in self.labels}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Fill in ``files`` (sha256 of every listed file) and write ``ctseg.json``."""
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["files"] = {name: sha256_of(directory / name) for name in manifest.get("files", {})}
+    path = directory / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_bundle(directory: str | Path, verify_checksums: bool = True) -> Bundle:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{directory}: not a model bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: invalid JSON ({err})") from None
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
+    if manifest["format"] != FORMAT:
+        raise BundleError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    files = manifest["files"]
+    if "model.onnx" not in files:
+        raise BundleError(f"{path}: 'files' must list model.onnx")
+    for name, digest in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise BundleError(f"{directory}: {name} is listed in {MANIFEST} but missing")
+        if verify_checksums and sha256_of(file) != digest:
+            raise BundleError(f"{directory}: checksum mismatch for {name} (file changed or corrupt)")
+    try:
+        model = ModelConfig.from_dict(manifest["model"])
+        preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
+        labels = tuple(Label.from_dict(item) for item in manifest["labels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{path}: invalid model/preprocess/labels section: {err}") from None
+    values = [label.value for label in labels]
+    if sorted(values) != list(range(1, model.num_classes)):
+        raise BundleError(
+            f"{path}: labels must be numbered 1..{model.num_classes - 1} to match the model's "
+            f"{model.num_classes} outputs; got {sorted(values)}"
+        )
+    return Bundle(
+        path=directory, name=str(manifest["name"]), version=str(manifest["version"]),
+        modality=str(manifest["modality"]), model=model, preprocess=preprocess, labels=labels, files=dict(files),
+        manifest=manifest,
+    )

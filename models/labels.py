@@ -1,0 +1,105 @@
+"""Segment labels with the coded concepts DICOM-SEG needs (SNOMED CT via DICOM's CID 7150/7151 vocabularies)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: (value, scheme designator, meaning), e.g. ('10200004', 'SCT', 'Liver')."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not (self.value and self.scheme and self.meaning):
+            raise ValueError(f"a code needs value, scheme and meaning; got {self}")
+
+
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+RIGHT = Code("24028007", "SCT", "Right")
+LEFT = Code("7771000", "SCT", "Left")
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output class: its value in the label map, name, display colour and codes."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+    category: Code = ANATOMICAL_STRUCTURE
+    type: Code | None = None
+    modifier: Code | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.value <= 65535:
+            raise ValueError(f"label value must be in 1..65535 (0 is background); got {self.value} for {self.name!r}")
+        if len(self.color) != 3 or any(not 0 <= c <= 255 for c in self.color):
+            raise ValueError(f"colour must be three 0..255 integers; got {self.color} for {self.name!r}")
+        if self.type is None:
+            raise ValueError(f"label {self.name!r} has no type code; add one to the config (see models/labels.py)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Label":
+        def code(v: Any) -> Code | None:
+            return Code(**v) if isinstance(v, dict) else None
+
+        return cls(
+            value=int(data["value"]), name=str(data["name"]), color=tuple(int(c) for c in data["color"]),  # type: ignore[arg-type]
+            category=code(data.get("category")) or ANATOMICAL_STRUCTURE, type=code(data.get("type")),
+            modifier=code(data.get("modifier")),
+        )
+
+
+# name -> (type code, modifier, colour). Colours follow 3D Slicer's GenericAnatomyColors where it has one.
+KNOWN_STRUCTURES: dict[str, tuple[Code, Code | None, tuple[int, int, int]]] = {
+    "spleen": (Code("78961009", "SCT", "Spleen"), None, (157, 108, 162)),
+    "kidney_right": (Code("64033007", "SCT", "Kidney"), RIGHT, (185, 102, 83)),
+    "kidney_left": (Code("64033007", "SCT", "Kidney"), LEFT, (185, 102, 83)),
+    "gallbladder": (Code("28231008", "SCT", "Gallbladder"), None, (139, 150, 98)),
+    "liver": (Code("10200004", "SCT", "Liver"), None, (221, 130, 101)),
+    "stomach": (Code("69695003", "SCT", "Stomach"), None, (216, 132, 105)),
+    "pancreas": (Code("15776009", "SCT", "Pancreas"), None, (249, 180, 111)),
+    "adrenal_gland_right": (Code("23451007", "SCT", "Adrenal gland"), RIGHT, (244, 186, 150)),
+    "adrenal_gland_left": (Code("23451007", "SCT", "Adrenal gland"), LEFT, (244, 186, 150)),
+    "aorta": (Code("15825003", "SCT", "Aorta"), None, (224, 97, 76)),
+    "inferior_vena_cava": (Code("64131007", "SCT", "Inferior vena cava"), None, (0, 151, 206)),
+    "portal_vein_and_splenic_vein": (Code("32764006", "SCT", "Portal vein"), None, (0, 112, 165)),
+    "esophagus": (Code("32849002", "SCT", "Esophagus"), None, (211, 171, 143)),
+    "duodenum": (Code("38848004", "SCT", "Duodenum"), None, (255, 253, 229)),
+    "small_bowel": (Code("30315005", "SCT", "Small intestine"), None, (205, 167, 142)),
+    "colon": (Code("71854001", "SCT", "Colon"), None, (204, 168, 143)),
+    "urinary_bladder": (Code("89837001", "SCT", "Urinary bladder"), None, (222, 154, 132)),
+    "heart": (Code("80891009", "SCT", "Heart"), None, (206, 110, 84)),
+    "lung": (Code("39607008", "SCT", "Lung"), None, (197, 165, 145)),
+    "vertebrae": (Code("51282000", "SCT", "Vertebral column"), None, (241, 214, 145)),
+    "tumor": (Code("108369006", "SCT", "Neoplasm"), None, (255, 0, 0)),
+}
+
+
+def label_for(value: int, name: str, overrides: dict[str, Any] | None = None) -> Label:
+    """A Label for ``name`` from the built-in table, with config overrides (colour, codes) applied."""
+    overrides = overrides or {}
+    known = KNOWN_STRUCTURES.get(name)
+    type_code = Code(**overrides["type"]) if "type" in overrides else (known[0] if known else None)
+    modifier = Code(**overrides["modifier"]) if "modifier" in overrides else (known[1] if known else None)
+    color = tuple(overrides.get("color", known[2] if known else _fallback_color(value)))
+    category = Code(**overrides["category"]) if "category" in overrides else ANATOMICAL_STRUCTURE
+    if type_code is None:
+        raise ValueError(
+            f"no SNOMED CT type code is known for {name!r}; give one in the config as "
+            "type: {value: ..., scheme: SCT, meaning: ...}"
+        )
+    return Label(value, name, color, category, type_code, modifier)  # type: ignore[arg-type]
+
+
+def _fallback_color(value: int) -> tuple[int, int, int]:
+    rng = (value * 2654435761) & 0xFFFFFF
+    return ((rng >> 16) & 255, (rng >> 8) & 255, rng & 255)
