@@ -109,6 +109,8 @@ class TrainConfig:
         base = path.parent
         if not Path(cfg.data.dataset).is_absolute():
             cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+        if not Path(cfg.output).is_absolute():
+            cfg.output = str((base / cfg.output).resolve())
         return cfg
 
     @classmethod

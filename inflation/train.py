@@ -33,6 +33,7 @@ from models.registry import model_config
 from models.sliding_window import SlidingWindow
 
 log = logging.getLogger("ctseg.train")
+INDICES_KEY = "label_cls_indices"
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -113,13 +114,12 @@ def build_transforms(cfg: TrainConfig, num_classes: int):
     keys = ["image", "label"]
     crop_roi = list(roi)
     chain: list[Any] = [
-        T.SpatialPadd(keys, spatial_size=crop_roi, mode="constant"),
         # Crops centred on each class in turn (background included), so small organs are seen as often as
         # the liver; classes absent from a case are skipped by MONAI with a warning.
         T.RandCropByLabelClassesd(
             keys, label_key="label", spatial_size=crop_roi, num_classes=num_classes,
             ratios=[cfg.train.background_ratio] + [1.0] * (num_classes - 1),
-            num_samples=cfg.train.crops_per_case, allow_smaller=False, warn=False,
+            num_samples=cfg.train.crops_per_case, allow_smaller=False, warn=False, indices_key=INDICES_KEY,
         ),
     ]
     for axis in a.flip_axes:
@@ -144,15 +144,23 @@ def build_transforms(cfg: TrainConfig, num_classes: int):
 class CropDataset(torch.utils.data.Dataset):
     """Each item is one case's list of random crops; the case list is repeated to fill an epoch."""
 
-    def __init__(self, cases: list[Case], transform: Any, length: int) -> None:
-        self.cases, self.transform, self.length = cases, transform, length
+    def __init__(self, cases: list[Case], transform: Any, length: int, num_classes: int, roi: list[int]) -> None:
+        self.transform, self.length = transform, length
+        # Voxel indices of every class, computed once per case rather than at every crop.
+        from monai.transforms import ClassesToIndices, SpatialPad
+
+        self.items = []
+        for case in cases:
+            image = SpatialPad(roi)(case.image)
+            label = SpatialPad(roi)(case.label)
+            indices = ClassesToIndices(num_classes=num_classes)(label)
+            self.items.append({"image": image, "label": label, INDICES_KEY: indices})
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Any:
-        case = self.cases[index % len(self.cases)]
-        return self.transform({"image": case.image, "label": case.label})
+        return self.transform(dict(self.items[index % len(self.items)]))
 
 
 def infinite_batches(loader: torch.utils.data.DataLoader, sampler: Any) -> Iterator[dict[str, torch.Tensor]]:
@@ -256,7 +264,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
     transform.set_random_state(seed=cfg.train.seed + env.rank)
     steps_total = cfg.train.steps
     epoch_len = max(len(train_cases), cfg.train.batch_size * env.world * 4)
-    dataset = CropDataset(train_cases, transform, epoch_len)
+    dataset = CropDataset(train_cases, transform, epoch_len, num_classes, list(spec.roi))
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, env.world, env.rank, seed=cfg.train.seed) if env.world > 1 else None
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.train.num_workers, collate_fn=list_data_collate, drop_last=True)
@@ -319,6 +327,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
     batches = infinite_batches(loader, sampler)
     model.train()
     t_start = time.time()
+    first_step = step
     while step < end:
         batch = next(batches)
         image = batch["image"].to(env.device, non_blocking=True)
@@ -342,6 +351,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
                 writer.add_scalar("train/loss", loss.item(), step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            if progress is not None and progress.disable and (step % (cfg.train.log_every * 5) == 0 or step == end):
+                rate = (step - first_step) / max(1e-9, time.time() - t_start)
+                log.info("step %d/%d: loss %.4f, %.2f steps/s, eta %.0f s", step, steps_total, loss.item(), rate,
+                         (end - step) / max(rate, 1e-9))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}", dice=f"{last_val['mean_dice']:.3f}" if last_val and last_val["mean_dice"] is not None else "-")

@@ -1,0 +1,352 @@
+"""DICOM series in, a typed Volume out — robust to what real scanners and anonymisers produce.
+
+Slices are grouped by SeriesInstanceUID and sorted by the projection of ImagePositionPatient on the slice
+normal (never InstanceNumber). Checked: one orientation, uniform spacing (missing slices and duplicates are
+named), gantry tilt; applied: rescale slope/intercept, pixel padding. Compressed transfer syntaxes decode
+through pydicom's pylibjpeg plugins; Enhanced (multi-frame) CT is read frame by frame.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from models.volume import Geometry, Volume
+from server.errors import InputError
+
+log = logging.getLogger(__name__)
+
+POSITION_TOL_MM = 0.01
+SPACING_REL_TOL = 0.05
+TILT_TOL_DEG = 0.5
+AIR_HU = -1024.0
+IMAGE_SOPS_ENHANCED = {"1.2.840.10008.5.1.4.1.1.2.1"}  # Enhanced CT Image Storage
+
+
+@dataclass
+class Frame:
+    """One plane of pixels with its geometry; from a single-frame instance or a frame of an enhanced one."""
+
+    dataset: Dataset
+    frame_index: int | None  # None: single-frame instance
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    slope: float
+    intercept: float
+
+
+@dataclass
+class DicomSeries:
+    """A sorted, checked series and the volume it makes."""
+
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    description: str
+    datasets: list[Dataset]  # instances in slice order (one entry for an enhanced multi-frame instance)
+    volume: Volume
+    notes: list[str] = field(default_factory=list)
+    multiframe: bool = False
+
+
+@dataclass
+class SeriesSummary:
+    series_uid: str
+    description: str
+    modality: str
+    slices: int
+
+
+def read_datasets(blobs: Iterable[tuple[str, bytes]], headers_only: bool = False) -> list[Dataset]:
+    """Parse uploaded files; anything that is not DICOM is named in a 422."""
+    datasets, bad = [], []
+    for name, data in blobs:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, force=False,
+                                 stop_before_pixels=headers_only)
+        except Exception:  # pydicom raises several types for non-DICOM bytes
+            bad.append(name)
+            continue
+        if not headers_only and "PixelData" not in ds and "FloatPixelData" not in ds:
+            continue
+        if headers_only and "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+            continue  # DICOMDIR, SR, presentation states: not image slices; ignored
+        datasets.append(ds)
+    if bad:
+        raise InputError(f"{len(bad)} file(s) are not DICOM: {', '.join(bad[:10])}", {"files": bad[:50]})
+    if not datasets:
+        raise InputError("no DICOM image found in the upload")
+    return datasets
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = str(getattr(ds, keyword, "") or "").strip()
+    return value
+
+
+def group_series(datasets: list[Dataset]) -> dict[str, list[Dataset]]:
+    groups: dict[str, list[Dataset]] = defaultdict(list)
+    for ds in datasets:
+        groups[_uid(ds, "SeriesInstanceUID")].append(ds)
+    return dict(groups)
+
+
+def summarise(uid: str, items: list[Dataset]) -> SeriesSummary:
+    first = items[0]
+    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in items)
+    return SeriesSummary(uid or "(missing)", str(getattr(first, "SeriesDescription", "") or ""),
+                         str(getattr(first, "Modality", "") or ""), frames)
+
+
+def choose_series(groups: dict[str, list[Dataset]], series_uid: str | None, modalities: set[str]) -> tuple[str, list[Dataset]]:
+    if series_uid:
+        if series_uid not in groups:
+            listing = [summarise(u, g).__dict__ for u, g in groups.items()]
+            raise InputError(f"series {series_uid} is not in the upload", {"series": listing})
+        return series_uid, groups[series_uid]
+    candidates = {u: g for u, g in groups.items() if str(getattr(g[0], "Modality", "") or "").upper() in modalities}
+    if not candidates:
+        found = sorted({str(getattr(g[0], "Modality", "") or "?") for g in groups.values()})
+        raise InputError(f"no {'/'.join(sorted(modalities))} series in the upload (found modality {', '.join(found)})")
+    if len(candidates) > 1:
+        listing = [summarise(u, g).__dict__ for u, g in candidates.items()]
+        raise InputError(
+            f"the upload holds {len(candidates)} candidate series; choose one with series_uid", {"series": listing}
+        )
+    uid = next(iter(candidates))
+    return uid, candidates[uid]
+
+
+def _floats(value: object, n: int, what: str, ds: Dataset) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        arr = np.array([])
+    if arr.size != n:
+        raise InputError(f"instance {getattr(ds, 'InstanceNumber', '?')}: {what} is missing or malformed")
+    return arr
+
+
+def frames_of(ds: Dataset) -> list[Frame]:
+    """Single-frame CT, or every frame of an Enhanced CT instance (functional groups)."""
+    nframes = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds or nframes > 1:
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+        per = ds.get("PerFrameFunctionalGroupsSequence", [])
+        if len(per) != nframes:
+            raise InputError(f"multi-frame instance has {nframes} frames but {len(per)} per-frame groups")
+        out = []
+        for i, item in enumerate(per):
+            def pick(seq: str) -> Dataset | None:
+                for src in (item, shared):
+                    if seq in src and len(src[seq].value):
+                        return src[seq].value[0]
+                return None
+
+            pos = pick("PlanePositionSequence")
+            ori = pick("PlaneOrientationSequence")
+            meas = pick("PixelMeasuresSequence")
+            trans = pick("PixelValueTransformationSequence")
+            if pos is None or ori is None or meas is None:
+                raise InputError(f"multi-frame instance frame {i + 1}: plane position, orientation or pixel measures missing")
+            spacing = _floats(meas.PixelSpacing, 2, "PixelSpacing", ds)
+            out.append(Frame(
+                ds, i, _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", ds),
+                _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", ds), (spacing[0], spacing[1]),
+                float(getattr(trans, "RescaleSlope", 1) or 1) if trans is not None else 1.0,
+                float(getattr(trans, "RescaleIntercept", 0) or 0) if trans is not None else 0.0,
+            ))
+        return out
+    spacing = _floats(getattr(ds, "PixelSpacing", None) or [], 2, "PixelSpacing", ds)
+    return [Frame(
+        ds, None, _floats(getattr(ds, "ImagePositionPatient", None) or [], 3, "ImagePositionPatient", ds),
+        _floats(getattr(ds, "ImageOrientationPatient", None) or [], 6, "ImageOrientationPatient", ds),
+        (spacing[0], spacing[1]), float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0),
+    )]
+
+
+def _pixels(frame: Frame, cache: dict[int, np.ndarray]) -> np.ndarray:
+    ds = frame.dataset
+    key = id(ds)
+    if key not in cache:
+        try:
+            cache[key] = ds.pixel_array
+        except Exception as err:
+            ts = getattr(ds.file_meta, "TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+            raise InputError(f"cannot decode pixel data (transfer syntax {ts}): {err}") from None
+    arr = cache[key]
+    plane = arr[frame.frame_index] if frame.frame_index is not None else arr
+    if plane.ndim != 2:
+        raise InputError(f"expected grey-scale slices; got pixel array of shape {plane.shape}")
+    values = plane.astype(np.float32)
+    padding = getattr(ds, "PixelPaddingValue", None)
+    if padding is not None:
+        pad_mask = plane == padding
+        limit = getattr(ds, "PixelPaddingRangeLimit", None)
+        if limit is not None:
+            lo, hi = sorted((int(padding), int(limit)))
+            pad_mask = (plane >= lo) & (plane <= hi)
+    else:
+        pad_mask = None
+    values = values * frame.slope + frame.intercept
+    if pad_mask is not None:
+        values[pad_mask] = AIR_HU
+    return values
+
+
+@dataclass
+class SeriesPlan:
+    """A checked slice order and geometry, made from headers alone."""
+
+    frames: list[Frame]
+    geometry: Geometry
+    notes: list[str]
+
+
+def plan_series(items: list[Dataset]) -> SeriesPlan:
+    """Sort and check the slices of one series from their headers; every refusal says why."""
+    notes: list[str] = []
+    frames = [f for ds in items for f in frames_of(ds)]
+    first = frames[0].dataset
+    ori = frames[0].orientation
+    if any(not np.allclose(f.orientation, ori, atol=1e-3) for f in frames):
+        raise InputError("slices have different ImageOrientationPatient: not one volume (localizer or mixed series?)")
+    if any(not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, rtol=1e-3) for f in frames):
+        raise InputError("slices have different PixelSpacing: not one volume")
+    shapes = {(int(f.dataset.Rows), int(f.dataset.Columns)) for f in frames}
+    if len(shapes) > 1:
+        raise InputError(f"slices have different sizes {sorted(shapes)}: not one volume")
+    row_dir = ori[:3] / np.linalg.norm(ori[:3])
+    col_dir = ori[3:] / np.linalg.norm(ori[3:])
+    normal = np.cross(row_dir, col_dir)
+    dist = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(dist, kind="stable")
+    frames = [frames[i] for i in order]
+    dist = dist[order]
+    if len(frames) < 2:
+        raise InputError("a single slice is not a volume; send the whole series")
+    gaps = np.diff(dist)
+    dupes = int((np.abs(gaps) < POSITION_TOL_MM).sum())
+    if dupes:
+        raise InputError(
+            f"{dupes} slice position(s) occur more than once: the series holds several phases or acquisitions; "
+            "send one of them (e.g. split by AcquisitionNumber or TemporalPositionIdentifier)"
+        )
+    spacing = float(np.median(gaps))
+    deviation = np.abs(gaps - spacing) / spacing
+    if deviation.max() > SPACING_REL_TOL:
+        worst = int(np.argmax(deviation))
+        missing = np.round(gaps / spacing).astype(int) - 1
+        if missing.max() >= 1:
+            raise InputError(
+                f"{int(missing[missing > 0].sum())} slice(s) missing: gap of {gaps[worst]:.2f} mm between positions "
+                f"{dist[worst]:.2f} and {dist[worst + 1]:.2f} mm where the spacing is {spacing:.2f} mm"
+            )
+        raise InputError(f"slice spacing varies from {gaps.min():.2f} to {gaps.max():.2f} mm; uniform spacing is required")
+    # Gantry tilt: the slice stack advances off the slice normal.
+    step = (frames[-1].position - frames[0].position) / max(1, len(frames) - 1)
+    tilt = float(np.degrees(np.arccos(np.clip(abs(np.dot(step, normal)) / np.linalg.norm(step), -1, 1))))
+    if tilt > TILT_TOL_DEG:
+        raise InputError(
+            f"gantry tilt of {tilt:.1f} degrees (slices are sheared): not supported; send a series reconstructed "
+            "without tilt or resample it to an orthogonal grid first"
+        )
+    if str(getattr(first, "PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        notes.append("MONOCHROME1 input: inversion is a display setting; HU come from the rescale (modality LUT)")
+    direction = np.stack([row_dir, col_dir, normal], axis=1)  # columns: x (columns), y (rows), z (slices)
+    rows, cols = shapes.pop()
+    geometry = Geometry(
+        shape=(len(frames), rows, cols),
+        spacing=(spacing, frames[0].pixel_spacing[0], frames[0].pixel_spacing[1]),
+        origin=tuple(float(v) for v in frames[0].position),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction.flatten()),
+    )
+    return SeriesPlan(frames, geometry, notes)
+
+
+def build_series(uid: str, items: list[Dataset]) -> DicomSeries:
+    plan = plan_series(items)
+    frames = plan.frames
+    first = frames[0].dataset
+    cache: dict[int, np.ndarray] = {}
+    array = np.stack([_pixels(f, cache) for f in frames])
+    multiframe = frames[0].frame_index is not None
+    ordered: list[Dataset] = []
+    for f in frames:
+        if not ordered or ordered[-1] is not f.dataset:
+            ordered.append(f.dataset)
+    series = DicomSeries(
+        series_uid=uid, study_uid=_uid(first, "StudyInstanceUID"),
+        frame_of_reference_uid=_uid(first, "FrameOfReferenceUID"), modality=str(getattr(first, "Modality", "") or ""),
+        description=str(getattr(first, "SeriesDescription", "") or ""), datasets=ordered,
+        volume=Volume(array, plan.geometry), notes=plan.notes, multiframe=multiframe,
+    )
+    if multiframe:
+        series.frame_order = [f.frame_index for f in frames]  # type: ignore[attr-defined]
+    return series
+
+
+def fill_missing_uids(datasets: list[Dataset]) -> list[str]:
+    """Anonymised files without UIDs get consistent, deterministic ones; returns what was generated."""
+    generated: list[str] = []
+    seed = [str(getattr(datasets[0], "PatientID", "") or ""), str(len(datasets))]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if any(not _uid(ds, keyword) for ds in datasets):
+            value = generate_uid(entropy_srcs=seed + [keyword] + sorted(str(getattr(d, "ImagePositionPatient", "")) for d in datasets))
+            for ds in datasets:
+                if not _uid(ds, keyword):
+                    setattr(ds, keyword, value)
+            generated.append(keyword)
+    missing_sop = [ds for ds in datasets if not _uid(ds, "SOPInstanceUID")]
+    for ds in missing_sop:
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=seed + [str(getattr(ds, "ImagePositionPatient", "")), str(getattr(ds, "InstanceNumber", ""))])
+        if hasattr(ds, "file_meta"):
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if missing_sop:
+        generated.append(f"SOPInstanceUID ({len(missing_sop)} instances)")
+    return generated
+
+
+def _select(datasets: list[Dataset], series_uid: str | None, modalities: set[str] | None) -> tuple[str, list[Dataset], list[str]]:
+    modalities = {m.upper() for m in (modalities or {"CT"})}
+    groups = group_series(datasets)
+    generated: list[str] = []
+    if "" in groups:  # anonymised without SeriesInstanceUID: those files are taken as one series
+        anonymous = groups.pop("")
+        generated = fill_missing_uids(anonymous)
+        groups[str(anonymous[0].SeriesInstanceUID)] = anonymous
+    uid, items = choose_series(groups, series_uid, modalities)
+    if not generated:
+        generated = fill_missing_uids(items)
+    return uid, items, generated
+
+
+def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
+                   modalities: set[str] | None = None) -> tuple[str, Geometry, list[str]]:
+    """Header-only check at submission time: the series choice and its geometry, no pixel decoding."""
+    uid, items, _ = _select(read_datasets(blobs, headers_only=True), series_uid, modalities)
+    plan = plan_series(items)
+    return uid, plan.geometry, plan.notes
+
+
+def load_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
+                modalities: set[str] | None = None) -> DicomSeries:
+    """Upload -> one checked series. ``modalities``: what the bundle accepts (CT by default)."""
+    uid, items, generated = _select(read_datasets(blobs), series_uid, modalities)
+    series = build_series(uid, items)
+    if generated:
+        series.notes.append(
+            "the input lacked " + ", ".join(generated) + "; consistent UIDs were generated for the output, so the "
+            "DICOM-SEG references those generated UIDs"
+        )
+    return series

@@ -1,0 +1,129 @@
+"""DICOM-SEG output with highdicom: same Study and Frame of Reference as the source, a new Series.
+
+BINARY by default (the most viewers read it); LABELMAP (Supplement 243) as an option. Segment descriptions
+carry name, SNOMED CT category/type (and laterality modifier), recommended display colour and the algorithm
+(bundle name and version). Series UID, number and description are deterministic for a given source series
+and bundle, so re-running a study does not scatter new series across the PACS.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+import ctseg
+from models.bundle import Bundle
+from models.labels import Label
+from server.dicom_input import DicomSeries
+from server.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAX = {"none": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless,
+                   "jpegls": JPEGLSLossless}
+
+
+def _code(code) -> hd.sr.CodedConcept:  # type: ignore[no-untyped-def]
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _rgb_to_lab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
+    """sRGB (0..255) -> CIELab (D65), the colour space DICOM's RecommendedDisplayCIELabValue uses."""
+    c = np.asarray(rgb, dtype=float) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    return hd.color.CIELabColor(float(np.clip(lab[0], 0, 100)), float(np.clip(lab[1], -128, 127)),
+                                float(np.clip(lab[2], -128, 127)))
+
+
+def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+    regions = None
+    desc = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label.name.replace("_", " ")[:64],
+        segmented_property_category=_code(label.category),
+        segmented_property_type=_code(label.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=generate_uid(entropy_srcs=[algorithm[0].AlgorithmName, label.name]),
+        tracking_id=label.name[:64],
+        anatomic_regions=regions,
+        display_color=_rgb_to_lab(label.color),
+    )
+    if label.modifier is not None:
+        from pydicom.dataset import Dataset
+
+        mod = Dataset()
+        mod.CodeValue, mod.CodingSchemeDesignator, mod.CodeMeaning = label.modifier.value, label.modifier.scheme, label.modifier.meaning
+        desc.SegmentedPropertyTypeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [mod]
+    return desc
+
+
+def seg_series_identity(series: DicomSeries, bundle: Bundle) -> tuple[str, int, str]:
+    uid = generate_uid(entropy_srcs=[series.series_uid, bundle.name, bundle.version, "ctseg-seg"])
+    source_number = getattr(series.datasets[0], "SeriesNumber", None)
+    number = (int(source_number) if source_number not in (None, "") else 0) % 1000 + 9000
+    description = f"ctseg {bundle.name} {bundle.version}"[:64]
+    return uid, number, description
+
+
+def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type: str = "BINARY",
+              keep_empty_frames: bool = False, compression: str = "none") -> bytes:
+    """``labels`` [D, H, W] on the series grid (slice order of ``series``) -> DICOM-SEG bytes."""
+    if labels.shape != series.volume.shape:
+        raise ValueError(f"label map {labels.shape} is not on the series grid {series.volume.shape}")
+    if compression not in TRANSFER_SYNTAX:
+        raise InputError(f"unknown SEG compression {compression!r}; use one of {sorted(TRANSFER_SYNTAX)}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=bundle.name[:64], family=codes.cid7162.ArtificialIntelligence, version=bundle.version[:64],
+    )
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    by_value = {label.value: label for label in bundle.labels}
+    # Every label of the model is described, found or not, so a viewer shows the same legend for every study.
+    descriptions = [segment_description(v, by_value[v], algorithm) for v in sorted(by_value)]
+    uid, number, description = seg_series_identity(series, bundle)
+    if series.multiframe:
+        order = getattr(series, "frame_order")
+        pixel = np.empty_like(labels)
+        pixel[np.asarray(order)] = labels  # back to the source's frame order
+        sources = series.datasets
+    else:
+        pixel = labels
+        sources = series.datasets
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel.astype(np.uint16 if len(by_value) > 255 else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
+        segment_descriptions=descriptions,
+        series_instance_uid=uid,
+        series_number=number,
+        sop_instance_uid=generate_uid(entropy_srcs=[uid, "instance"]),
+        instance_number=1,
+        manufacturer="ctseg",
+        manufacturer_model_name=bundle.name[:64],
+        software_versions=ctseg.__version__,
+        device_serial_number="0",
+        omit_empty_frames=not keep_empty_frames,
+        transfer_syntax_uid=TRANSFER_SYNTAX[compression],
+        content_label="CTSEG",
+        content_description=f"Automatic segmentation, {len(present)} structures found"[:64],
+        content_creator_name="ctseg^automatic",
+    )
+    seg.SeriesDescription = description
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

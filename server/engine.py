@@ -1,0 +1,114 @@
+"""The inference engine: a bundle, an ONNX Runtime session, sliding-window inference; torch-free.
+
+Loaded once at start-up and warmed up; ``segment`` takes a volume on any grid and returns labels on exactly
+that grid (shape, spacing, origin, direction), through the bundle's own preprocessing contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.bundle import Bundle, BundleError, load_bundle
+from models.preprocess import Preprocessor
+from models.sliding_window import SlidingWindow
+from models.volume import Volume
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 4)
+
+
+def choose_providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("CUDA was asked for but onnxruntime has no CUDA provider (install the 'gpu' extra); using CPU")
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """One bundle served by one ONNX Runtime session."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, overlap: float = 0.25,
+                 batch_size: int = 4, float16_accumulation: bool = False) -> None:
+        self.bundle = bundle
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        self.providers = choose_providers(device)
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=opts, providers=self.providers)
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        log.info("model %s %s on %s (providers %s)", bundle.name, bundle.version, self.device, self.session.get_providers())
+        self.input_name = self.session.get_inputs()[0].name
+        self.preprocessor = Preprocessor(bundle.preprocess)
+        cfg = bundle.model
+        self.window = SlidingWindow(cfg.img_size, cfg.out_size, cfg.num_classes, overlap=overlap, batch_size=batch_size,
+                                    accumulate_dtype=np.float16 if float16_accumulation else np.float32)
+        self.ready = False
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kwargs: object) -> "Engine":
+        return cls(load_bundle(path), **kwargs)  # type: ignore[arg-type]
+
+    def predict_windows(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def warm_up(self) -> float:
+        start = time.perf_counter()
+        cfg = self.bundle.model
+        self.predict_windows(np.zeros((1, cfg.in_chans, *cfg.img_size), dtype=np.float32))
+        self.ready = True
+        return time.perf_counter() - start
+
+    def segment(self, volume: Volume, progress: ProgressFn | None = None, timings: Timings | None = None) -> Volume:
+        timings = timings or Timings()
+        t = time.perf_counter()
+        prepared = self.preprocessor.forward(volume.to_sitk())
+        timings.add("preprocess", time.perf_counter() - t)
+        t = time.perf_counter()
+        labels = self.window(prepared.array, self.predict_windows, progress)
+        timings.add("inference", time.perf_counter() - t)
+        t = time.perf_counter()
+        out = self.preprocessor.inverse(labels, prepared)
+        timings.add("postprocess", time.perf_counter() - t)
+        return out
+
+
+def discover_bundles(dirs: list[Path]) -> list[Path]:
+    """Each entry is a bundle itself or a folder of bundles."""
+    found: list[Path] = []
+    for d in dirs:
+        if (d / "ctseg.json").is_file():
+            found.append(d)
+        elif d.is_dir():
+            found += sorted(p for p in d.iterdir() if (p / "ctseg.json").is_file())
+    return found
+
+
+def load_engines(dirs: list[Path], **kwargs: object) -> dict[str, Engine]:
+    engines: dict[str, Engine] = {}
+    for path in discover_bundles(dirs):
+        engine = Engine.from_dir(path, **kwargs)
+        if engine.bundle.name in engines:
+            raise BundleError(f"two bundles are named {engine.bundle.name!r}: {engines[engine.bundle.name].bundle.path} and {path}")
+        engines[engine.bundle.name] = engine
+    if not engines:
+        raise BundleError(f"no model bundle found in {', '.join(map(str, dirs))}")
+    return engines

@@ -1,0 +1,25 @@
+"""Errors the API turns into clear 4xx answers. Each message names the problem, never a stack trace."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """The uploaded data cannot be segmented as sent (HTTP 422)."""
+
+    status_code = 422
+
+    def __init__(self, message: str, detail: object | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class NotFound(LookupError):
+    status_code = 404
+
+
+class PayloadTooLarge(ValueError):
+    status_code = 413
+
+
+class QueueFull(RuntimeError):
+    status_code = 503

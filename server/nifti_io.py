@@ -1,0 +1,57 @@
+"""NIfTI in and out through SimpleITK (the same library the preprocessing uses, so affines agree)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from models.volume import GeometryError, Volume
+from server.errors import InputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_name(name: str) -> bool:
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: Path, name: str) -> Volume:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else "unreadable"
+        raise InputError(f"{name}: not a readable NIfTI file ({first})") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3:
+        raise InputError(f"{name}: expected a 3D volume; got {image.GetDimension()}D with size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: expected one value per voxel (grey-scale CT); got {image.GetNumberOfComponentsPerPixel()}")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{name}: a volume of size {image.GetSize()} is too small to segment")
+    try:
+        return Volume.from_sitk(image)
+    except GeometryError as err:
+        raise InputError(f"{name}: {err}") from None
+
+
+def write_nifti(volume: Volume, path: Path) -> None:
+    image = volume.to_sitk()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".nii.gz", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    sitk.WriteImage(image, str(tmp_path), useCompression=True)
+    tmp_path.replace(path)
+
+
+def label_volumes(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> dict[str, dict]:
+    """Per label: voxel count and volume in mL."""
+    counts = np.bincount(labels.ravel(), minlength=max(names) + 1 if names else 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {
+        names[v]: {"value": v, "voxels": int(counts[v]), "ml": round(int(counts[v]) * voxel_ml, 3)}
+        for v in sorted(names)
+    }

@@ -1,0 +1,68 @@
+"""A PNG preview: axial, coronal and sagittal slices through the volume with a coloured label overlay and legend."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageDraw
+
+from models.labels import Label
+from models.volume import Volume
+
+PANEL = 256
+
+
+def _canonical(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    img = sitk.DICOMOrient(volume.to_sitk(), "LPS")
+    lab_img = volume.geometry.apply(sitk.GetImageFromArray(labels))
+    lab = sitk.DICOMOrient(lab_img, "LPS")
+    sx, sy, sz = img.GetSpacing()
+    return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), (sz, sy, sx)
+
+
+def _panel(ct: np.ndarray, lab: np.ndarray, colors: np.ndarray, aspect: float) -> Image.Image:
+    grey = np.clip((ct.astype(np.float32) + 160) / 400, 0, 1) * 255
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    mask = lab > 0
+    rgb[mask] = 0.45 * rgb[mask] + 0.55 * colors[lab[mask]]
+    im = Image.fromarray(rgb.astype(np.uint8))
+    h, w = ct.shape
+    scale = PANEL / max(h * aspect, w)
+    return im.resize((max(1, int(w * scale)), max(1, int(h * aspect * scale))), Image.NEAREST)
+
+
+def render_preview(volume: Volume, labels: np.ndarray, label_defs: tuple[Label, ...]) -> bytes:
+    ct, lab, (sd, sh, sw) = _canonical(volume, labels)
+    colors = np.zeros((max([l.value for l in label_defs] + [0]) + 1, 3), dtype=np.float32)
+    for label in label_defs:
+        colors[label.value] = label.color
+    fg = np.argwhere(lab > 0)
+    cd, ch, cw = (fg.mean(0).astype(int) if len(fg) else np.array(lab.shape) // 2)
+    panels = [
+        _panel(ct[cd], lab[cd], colors, sh / sw),  # axial: rows = y (A->P), columns = x (R->L)
+        _panel(ct[::-1, ch, :], lab[::-1, ch, :], colors, sd / sw),  # coronal, superior up
+        _panel(ct[::-1, :, cw], lab[::-1, :, cw], colors, sd / sh),  # sagittal, superior up
+    ]
+    present = [l for l in label_defs if (lab == l.value).any()]
+    legend_h = 16 * max(1, len(present)) + 8
+    width = sum(p.width for p in panels) + 8 * 4
+    height = max(p.height for p in panels) + 16 + legend_h
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = 8
+    for title, panel in zip(("axial", "coronal", "sagittal"), panels):
+        canvas.paste(panel, (x, 16))
+        draw.text((x, 2), title, fill=(220, 220, 220))
+        x += panel.width + 8
+    y = 16 + max(p.height for p in panels) + 4
+    for label in present:
+        draw.rectangle([8, y + 2, 18, y + 12], fill=tuple(label.color))
+        draw.text((24, y), label.name.replace("_", " "), fill=(230, 230, 230))
+        y += 16
+    if not present:
+        draw.text((8, y), "no structure found", fill=(230, 230, 230))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,44 @@
+"""The service's one settings object; read here and nowhere else (env prefix ``CTSEG_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTSEG_", env_file=".env", extra="ignore")
+
+    bundle_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [DEFAULT_BUNDLES],
+                                    description="bundle directories, or folders holding several bundles")
+    default_model: str | None = Field(None, description="model used when a request names none (default: first)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    sw_overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch: int = Field(4, ge=1)
+    accumulate_float16: bool = False
+    max_upload_mb: int = Field(2048, ge=1)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted X-API-Key values; empty: no auth")
+    storage_dir: Path = Path("storage")
+    retention_hours: float = Field(72.0, gt=0)
+    max_queue: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1, description="inferences at a time")
+    sync_timeout_s: float = Field(300.0, gt=0)
+    seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    seg_keep_empty_frames: bool = False
+    seg_compression: Literal["none", "rle", "jpeg2000", "jpegls"] = "none"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    @field_validator("bundle_dirs", "api_keys", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+        return value
