@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _seg_compression_fits_type(self) -> "Settings":
+        # BINARY frames are bit-packed: the standard (and highdicom) allow only JPEG 2000 among compressions.
+        if self.seg_type == "BINARY" and self.seg_compression not in ("none", "jpeg2000"):
+            raise ValueError(
+                f"seg_compression={self.seg_compression!r} does not fit seg_type='BINARY': a BINARY SEG is stored "
+                "uncompressed or as JPEG 2000 (use seg_type=LABELMAP for rle or jpegls)"
+            )
+        return self
 
     @field_validator("bundle_dirs", "api_keys", mode="before")
     @classmethod

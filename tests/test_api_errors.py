@@ -1,0 +1,179 @@
+"""Every refusal is a clear 4xx naming the problem; limits, auth, privacy and clean-up hold."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from dicom_factory import series_from_image, to_bytes
+from phantoms import make_phantom
+from server.app import create_app
+from server.jobs import JobState, JobStore
+from server.settings import Settings
+from test_api import nifti_bytes, phantom, post
+
+
+def make_client(bundle: Path, tmp_path: Path, **settings) -> TestClient:
+    return TestClient(create_app(Settings(bundle_dirs=[bundle], storage_dir=tmp_path / "storage", **settings)))
+
+
+@pytest.fixture()
+def client(intensity_bundle: Path, tmp_path: Path):
+    with make_client(intensity_bundle, tmp_path) as c:
+        yield c
+
+
+def dicom_files(datasets) -> list[tuple[str, bytes]]:
+    return [(f"f{i}.dcm", to_bytes(ds)) for i, ds in enumerate(datasets)]
+
+
+def test_upload_over_the_limit_is_413_before_it_is_stored(intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path, max_upload_mb=1) as c:
+        r = post(c, [("ct.nii.gz", b"\0" * (2 * 1024 * 1024))])
+        assert r.status_code == 413
+        assert "larger than the limit of 1 MB" in r.json()["detail"]
+        assert not list((tmp_path / "storage" / "jobs").iterdir())
+
+
+def test_unreadable_nifti_is_422(client):
+    r = post(client, [("ct.nii.gz", b"this is not a nifti file")])
+    assert r.status_code == 422 and "ct.nii.gz: not a readable NIfTI file" in r.json()["detail"]
+
+
+def test_non_dicom_file_among_dicom_is_named(client):
+    image, _ = phantom()
+    files = dicom_files(series_from_image(image)[:5]) + [("notes.txt", b"hello")]
+    r = post(client, files)
+    assert r.status_code == 422 and "are not DICOM" in r.json()["detail"] and "notes.txt" in r.json()["detail"]
+
+
+def test_nifti_with_dicom_seg_is_422_saying_why(client):
+    image, _ = phantom()
+    r = post(client, [("ct.nii.gz", nifti_bytes(image))], outputs="both")
+    assert r.status_code == 422 and "dicom-seg needs DICOM input" in r.json()["detail"]
+
+
+def test_bad_parameters(client):
+    image, _ = phantom()
+    r = post(client, [("ct.nii.gz", nifti_bytes(image))], outputs="rtstruct")
+    assert r.status_code == 422 and "unknown output 'rtstruct'" in r.json()["detail"]
+    r = client.post("/v1/segmentations")
+    assert r.status_code == 422 and "files" in r.json()["detail"]
+    r = post(client, [("ct.nii.gz", nifti_bytes(image))], model="brain-mri")
+    assert r.status_code == 404 and "unknown model 'brain-mri'" in r.json()["detail"]
+
+
+def test_unknown_job_and_result_are_404(client):
+    assert client.get("/v1/segmentations/nope").status_code == 404
+    assert "no segmentation job nope" in client.get("/v1/segmentations/nope").json()["detail"]
+    assert client.delete("/v1/segmentations/nope").status_code == 404
+    image, _ = phantom()
+    job = post(client, [("ct.nii.gz", nifti_bytes(image))]).json()
+    r = client.get(f"/v1/segmentations/{job['id']}/seg.dcm")
+    assert r.status_code == 404 and "has no seg.dcm" in r.json()["detail"]
+    assert client.get(f"/v1/segmentations/{job['id']}/secrets.txt").status_code == 404
+
+
+def test_non_ct_modality_is_422(client):
+    image, _ = phantom()
+    datasets = series_from_image(image)
+    for ds in datasets:
+        ds.Modality = "MR"
+    r = post(client, dicom_files(datasets))
+    assert r.status_code == 422 and "no CT series in the upload (found modality MR)" in r.json()["detail"]
+
+
+def test_missing_slice_duplicate_positions_and_gantry_tilt_are_422(client):
+    image, _ = phantom()
+    datasets = series_from_image(image)
+    r = post(client, dicom_files(datasets[:10] + datasets[11:]))
+    assert r.status_code == 422 and "1 slice(s) missing" in r.json()["detail"]
+    dup = series_from_image(image, series_uid=datasets[0].SeriesInstanceUID)
+    r = post(client, dicom_files(datasets + dup[:3]))
+    assert r.status_code == 422 and "occur more than once" in r.json()["detail"]
+    tilted = series_from_image(image)
+    for k, ds in enumerate(tilted):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + k * 2.5 * np.tan(np.radians(15)), z]
+    r = post(client, dicom_files(tilted))
+    assert r.status_code == 422 and "gantry tilt of 15.0 degrees" in r.json()["detail"]
+
+
+def test_api_keys(intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path, api_keys=["s3cret"]) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+        r = c.get("/v1/models", headers={"X-API-Key": "wrong"})
+        assert r.status_code == 403 and "not accepted" in r.json()["detail"]
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_settings_from_environment(monkeypatch, intensity_bundle):
+    monkeypatch.setenv("CTSEG_API_KEYS", "a,b")
+    monkeypatch.setenv("CTSEG_BUNDLE_DIRS", f"{intensity_bundle},/elsewhere")
+    s = Settings()
+    assert s.api_keys == ["a", "b"] and s.bundle_dirs == [intensity_bundle, Path("/elsewhere")]
+
+
+def test_no_patient_identifiers_in_logs_and_inputs_removed(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    image, _ = phantom()
+    datasets = series_from_image(image)
+    ok = post(client, dicom_files(datasets), outputs="dicom-seg").json()
+    broken = series_from_image(image)
+    for ds in broken:
+        ds.BitsAllocated = 8  # pixel data length no longer matches: fails while decoding, in the job
+    failed = post(client, dicom_files(broken))
+    assert failed.status_code == 422 and "cannot decode pixel data" in failed.json()["detail"]
+    text = caplog.text
+    assert "Phantom^Test" not in text and "PHANTOM-001" not in text and "19700101" not in text
+    store = client.app.state.service.store
+    assert not (store.job_dir(ok["id"]) / "input").exists()
+    assert not (store.job_dir(failed.json()["job"]["id"]) / "input").exists()
+
+
+def test_restart_marks_interrupted_jobs_failed_and_runs_queued_ones(intensity_bundle, tmp_path):
+    storage = tmp_path / "storage"
+    store = JobStore(storage)
+    running = store.create("intensity-test", "nifti", {"outputs": ["nifti"]})
+    store.update(running.id, state=JobState.RUNNING)
+    queued = store.create("intensity-test", "nifti", {"outputs": ["nifti"]})
+    (store.job_dir(queued.id) / "input").mkdir()
+    image, _ = phantom()
+    (store.job_dir(queued.id) / "input" / "00000_ct.nii.gz").write_bytes(nifti_bytes(image))
+    store.close()
+    with make_client(intensity_bundle, tmp_path) as c:
+        interrupted = c.get(f"/v1/segmentations/{running.id}").json()
+        assert interrupted["state"] == "failed" and "interrupted" in interrupted["error"]
+        for _ in range(100):
+            job = c.get(f"/v1/segmentations/{queued.id}").json()
+            if job["state"] == "succeeded":
+                break
+            time.sleep(0.05)
+        assert job["state"] == "succeeded"
+
+
+def test_status_answers_fast_while_a_job_runs(intensity_bundle, tmp_path):
+    big, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
+    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75) as c:
+        r = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", nifti_bytes(big)))])
+        location = r.headers["Location"]
+        latencies, states = [], []
+        for _ in range(400):
+            t = time.perf_counter()
+            job = c.get(location).json()
+            latencies.append(time.perf_counter() - t)
+            states.append(job["state"])
+            if job["state"] == "succeeded":
+                break
+            time.sleep(0.01)
+        assert "running" in states and job["state"] == "succeeded"
+        during = [lat for lat, s in zip(latencies, states) if s == "running"]
+        assert len(during) >= 3
+        assert float(np.percentile(during, 99)) < 0.1, during
