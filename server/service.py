@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -11,17 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from models.volume import Volume
-from server.dicom_input import load_series
-from server.dicom_seg import build_seg
-from server.engine import Engine, Timings, load_engines
+from server.engine import Engine, load_engines
 from server.errors import InputError, NotFound, PayloadTooLarge, QueueFull
 from server.jobs import Job, JobState, JobStore
 from server.metrics import Metrics
-from server.nifti_io import label_volumes, read_nifti, write_nifti
-from server.preview import render_preview
+from server.pipeline import SegOptions, run_pipeline
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,19 +170,6 @@ class SegmentationService:
         engine = self.engine(job.model)
         directory = self.store.job_dir(job.id)
         inputs = sorted(p for p in (directory / "input").rglob("*") if p.is_file())  # zips were unpacked on upload
-        timings = Timings()
-        notes: list[str] = []
-        t = time.perf_counter()
-        series = None
-        if job.input_kind == "nifti":
-            volume = read_nifti(inputs[0], inputs[0].name.split("_", 1)[-1])
-        else:
-            files = inputs
-            series = load_series([(p.name, p) for p in files], job.params.get("series_uid"), {engine.bundle.modality})
-            volume = series.volume
-            notes += series.notes
-        timings.add("decode", time.perf_counter() - t)
-        self._check_cancel(job.id)
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -199,35 +179,15 @@ class SegmentationService:
                 last[0] = now
                 self.store.update(job.id, progress_done=done, progress_total=total)
 
-        labels = engine.segment(volume, progress, timings)
-        self._check_cancel(job.id)
-        outputs = job.params.get("outputs", ["nifti"])
-        produced: list[str] = []
-        t = time.perf_counter()
-        if "nifti" in outputs:
-            write_nifti(labels, directory / "labelmap.nii.gz")
-            produced.append("labelmap.nii.gz")
-        timings.add("write", time.perf_counter() - t)
-        if "dicom-seg" in outputs and series is not None:
-            t = time.perf_counter()
-            seg = build_seg(series, labels.array, engine.bundle, self.settings.seg_type,
-                            self.settings.seg_keep_empty_frames, self.settings.seg_compression)
-            (directory / "seg.dcm").write_bytes(seg)
-            produced.append("seg.dcm")
-            timings.add("encode", time.perf_counter() - t)
-        t = time.perf_counter()
-        names = engine.bundle.label_names()
-        volumes = label_volumes(labels.array, labels.geometry.spacing, names)
-        (directory / "volumes.json").write_text(json.dumps({"model": engine.bundle.name, "labels": volumes}, indent=2))
-        (directory / "preview.png").write_bytes(render_preview(volume, labels.array, engine.bundle.labels))
-        produced += ["volumes.json", "preview.png"]
-        timings.add("postprocess", time.perf_counter() - t)
+        s = self.settings
+        result = run_pipeline(
+            engine, inputs, directory, job.params.get("outputs", ["nifti"]), job.params.get("series_uid"),
+            SegOptions(s.seg_type, s.seg_keep_empty_frames, s.seg_compression), progress,
+            display_name=inputs[0].name.split("_", 1)[-1] if inputs else None,
+        )
         if self.store.get(job.id) is None:  # deleted while finishing
             raise Cancelled()
-        self.store.update(job.id, state=JobState.SUCCEEDED, timings=timings.stages, notes=notes, outputs=produced)
-        log.info("job %s succeeded in %.2f s (%s)", job.id, sum(timings.stages.values()),
-                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.stages.items()))
-
-
-def volume_from_labels(labels: np.ndarray, like: Volume) -> Volume:
-    return Volume(labels, like.geometry)
+        self.store.update(job.id, state=JobState.SUCCEEDED, timings=result.timings, notes=result.notes,
+                          outputs=result.produced)
+        log.info("job %s succeeded in %.2f s (%s)", job.id, sum(result.timings.values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))

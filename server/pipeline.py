@@ -1,0 +1,82 @@
+"""One segmentation from input files to result files; shared by the job workers and ``ctseg predict``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.dicom_input import load_series
+from server.dicom_seg import build_seg
+from server.engine import Engine, Timings
+from server.nifti_io import is_nifti_name, label_volumes, read_nifti, write_nifti
+from server.preview import render_preview
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class SegOptions:
+    seg_type: str = "BINARY"
+    keep_empty_frames: bool = False
+    compression: str = "none"
+
+
+@dataclass
+class PipelineResult:
+    produced: list[str]
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def run_pipeline(
+    engine: Engine,
+    inputs: list[Path],
+    out_dir: Path,
+    outputs: list[str],
+    series_uid: str | None = None,
+    seg: SegOptions | None = None,
+    progress: ProgressFn | None = None,
+    display_name: str | None = None,
+) -> PipelineResult:
+    """``inputs``: one NIfTI file, or DICOM files. Writes labelmap.nii.gz, seg.dcm, volumes.json, preview.png."""
+    seg = seg or SegOptions()
+    timings = Timings()
+    notes: list[str] = []
+    t = time.perf_counter()
+    series = None
+    if len(inputs) == 1 and is_nifti_name(inputs[0].name):
+        volume = read_nifti(inputs[0], display_name or inputs[0].name)
+    else:
+        series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality})
+        volume = series.volume
+        notes += series.notes
+    timings.add("decode", time.perf_counter() - t)
+    labels = engine.segment(volume, progress, timings)
+    produced: list[str] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "nifti" in outputs:
+        t = time.perf_counter()
+        write_nifti(labels, out_dir / "labelmap.nii.gz")
+        produced.append("labelmap.nii.gz")
+        timings.add("write", time.perf_counter() - t)
+    if "dicom-seg" in outputs:
+        if series is None:
+            notes.append("no DICOM-SEG: the input was NIfTI, which has no source instances to reference")
+        else:
+            t = time.perf_counter()
+            data = build_seg(series, labels.array, engine.bundle, seg.seg_type, seg.keep_empty_frames, seg.compression)
+            timings.add("encode", time.perf_counter() - t)
+            t = time.perf_counter()
+            (out_dir / "seg.dcm").write_bytes(data)
+            produced.append("seg.dcm")
+            timings.add("write", time.perf_counter() - t)
+    t = time.perf_counter()
+    volumes = label_volumes(labels.array, labels.geometry.spacing, engine.bundle.label_names())
+    (out_dir / "volumes.json").write_text(json.dumps({"model": engine.bundle.name, "labels": volumes}, indent=2))
+    (out_dir / "preview.png").write_bytes(render_preview(volume, labels.array, engine.bundle.labels))
+    produced += ["volumes.json", "preview.png"]
+    timings.add("postprocess", time.perf_counter() - t)
+    return PipelineResult(produced, timings.stages, notes)
