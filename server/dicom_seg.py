@@ -69,7 +69,7 @@ def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdenti
 
         mod = Dataset()
         mod.CodeValue, mod.CodingSchemeDesignator, mod.CodeMeaning = label.modifier.value, label.modifier.scheme, label.modifier.meaning
-        desc.SegmentedPropertyTypeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [mod]
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [mod]
     return desc
 
 

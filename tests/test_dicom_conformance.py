@@ -92,3 +92,17 @@ def test_dcmqi_reads_back_the_same_voxels(intensity_bundle, tmp_path, orientatio
 def test_binary_seg_with_rle_is_refused_at_configuration():
     with pytest.raises(ValueError, match="BINARY SEG is stored uncompressed or as JPEG 2000"):
         Settings(seg_type="BINARY", seg_compression="rle")
+
+
+def test_lateral_structures_carry_a_laterality_modifier():
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from models.labels import label_for
+    from server.dicom_seg import segment_description
+
+    algo = hd.AlgorithmIdentificationSequence(name="t", family=codes.cid7162.ArtificialIntelligence, version="1")
+    desc = segment_description(3, label_for(3, "kidney_left"), algo)
+    prop = desc.SegmentedPropertyTypeCodeSequence[0]
+    assert prop.CodeValue == "64033007" and prop.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"
+    assert desc.SegmentLabel == "kidney left" and len(desc.RecommendedDisplayCIELabValue) == 3

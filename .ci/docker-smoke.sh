@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Build the image, start the ctseg service with compose, wait for /readyz, post a CT (a generated DICOM series),
+# check the label map and the DICOM-SEG, tear everything down. Skips (exit 0, says why) where no engine runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ENGINE=../shared/tools/container-engine.sh
+PY=${PY:-.venv/bin/python}
+log() { echo "docker-smoke: $*"; }
+
+if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
+  if [ -x "$ENGINE" ]; then
+    bash "$ENGINE" start >/tmp/ctseg-engine.log 2>&1 || { log "SKIPPED: no Docker engine could be started (see /tmp/ctseg-engine.log)"; exit 0; }
+  else
+    log "SKIPPED: no Docker engine here and no $ENGINE to start one"; exit 0
+  fi
+fi
+if [ -x "$ENGINE" ]; then
+  bash "$ENGINE" base >/tmp/ctseg-engine-base.log 2>&1 || { log "FAILED: could not build the base image"; cat /tmp/ctseg-engine-base.log; exit 1; }
+fi
+COMPOSE="docker-compose"
+command -v docker-compose >/dev/null || COMPOSE="docker compose"
+PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export CTSEG_HTTP_PORT=$PORT CTSEG_BIND=127.0.0.1 CTSEG_IMAGE=ctseg:ci
+PROJECT="ctsegci$$"
+cleanup() { $COMPOSE -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1; }
+trap cleanup EXIT
+
+start=$(date +%s)
+$COMPOSE -p "$PROJECT" build ctseg >/tmp/ctseg-docker-build.log 2>&1 || { log "FAILED: image build"; tail -40 /tmp/ctseg-docker-build.log; exit 1; }
+log "image built in $(( $(date +%s) - start )) s; size $(docker image inspect ctseg:ci --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
+$COMPOSE -p "$PROJECT" up -d ctseg || { log "FAILED: compose up"; exit 1; }
+for _ in $(seq 120); do
+  curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/readyz" || { log "FAILED: /readyz never answered"; $COMPOSE -p "$PROJECT" logs ctseg | tail -40; exit 1; }
+echo
+$PY .ci/docker_smoke_check.py "http://127.0.0.1:$PORT" || { log "FAILED: segmentation check"; $COMPOSE -p "$PROJECT" logs ctseg | tail -40; exit 1; }
+cid=$($COMPOSE -p "$PROJECT" ps -q ctseg)
+for _ in $(seq 60); do
+  health=$(docker inspect --format '{{.State.Health.Status}}' "$cid")
+  [ "$health" = healthy ] && break
+  sleep 2
+done
+[ "$health" = healthy ] || { log "FAILED: the image's HEALTHCHECK did not turn healthy ($health)"; exit 1; }
+user=$(docker exec "$cid" id -un)
+[ "$user" != root ] || { log "FAILED: the service runs as root"; exit 1; }
+docker exec "$cid" python3 -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
+  || { log "FAILED: torch is installed in the serving image"; exit 1; }
+log "container health: $health; user: $user; no torch in the image"
+log "passed in $(( $(date +%s) - start )) s"
