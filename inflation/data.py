@@ -28,6 +28,7 @@ class CasePaths:
     case_id: str
     image: Path
     label: Path
+    split: str = "training"  # "validation" for dataset.json's own validation list
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Case:
     image: np.ndarray  # float32 [1, D, H, W], preprocessed
     label: np.ndarray  # uint8 [1, D, H, W], remapped to 0..K-1
     eval_mask: np.ndarray | None = None  # bool [D, H, W]: where validation Dice is computed
+    split: str = "training"
 
 
 def _strip(name: str) -> str:
@@ -52,13 +54,15 @@ def discover(dataset: str | Path) -> list[CasePaths]:
         if "training" not in spec:
             raise ConfigError(f"{root}: dataset.json has no 'training' list")
         cases = []
-        for item in spec["training"]:
+        listed = [(item, "training") for item in spec["training"]]
+        listed += [(item, "validation") for item in spec.get("validation", []) if isinstance(item, dict) and "label" in item]
+        for item, split in listed:
             image, label = root.parent / item["image"], root.parent / item["label"]
             # nnU-Net v1 lists images without the _0000 channel suffix
             if not image.exists() and image.name.endswith(".nii.gz"):
                 alt = image.with_name(image.name[:-7] + "_0000.nii.gz")
                 image = alt if alt.exists() else image
-            cases.append(CasePaths(_strip(label.name), image, label))
+            cases.append(CasePaths(_strip(label.name), image, label, split))
     elif root.is_dir() and (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
         labels = {_strip(p.name): p for p in sorted((root / "labelsTr").iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
         cases = []
@@ -110,7 +114,8 @@ def load_case(paths: CasePaths, pre: Preprocessor, specs: list[LabelSpec]) -> Ca
         raise ConfigError(f"case {paths.case_id}: label grid {lab.shape} differs from image grid {prepared.array.shape}")
     table = remap_table(specs, int(lab.max()))
     remapped = table[lab.astype(np.int64)]
-    return Case(paths.case_id, prepared.array[None].astype(np.float32), remapped[None].astype(np.uint8))
+    return Case(paths.case_id, prepared.array[None].astype(np.float32), remapped[None].astype(np.uint8),
+                split=paths.split)
 
 
 def split_cases(cases: list[Case], data: DataConfig, roi_depth: int) -> tuple[list[Case], list[Case]]:
@@ -130,6 +135,9 @@ def split_cases(cases: list[Case], data: DataConfig, roi_depth: int) -> tuple[li
             mask[lo:hi] = True
             val.append(Case(f"{case.case_id}-slab", case.image, case.label, mask))
         return train, val
+    listed_val = [c for c in cases if c.split == "validation"]
+    if listed_val and not data.val_cases:
+        return [c for c in cases if c.split != "validation"], listed_val
     if data.val_cases:
         if data.val_cases >= len(cases):
             raise ConfigError(f"data.val_cases={data.val_cases} leaves no training case (have {len(cases)})")
