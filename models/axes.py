@@ -19,35 +19,30 @@ AXES: tuple[str, str, str] = ("D", "H", "W")
 Triple = tuple[int, int, int]
 
 
-def as_triple(value: int | str | Sequence[int], name: str = "value") -> Triple:
-    """Parse ``16``, ``"16,16,16"`` or ``(5, 16, 16)`` into a ``(D, H, W)`` tuple of positive ints."""
+def _parse_three(value: object, name: str, cast: type, example: str) -> list:
     if isinstance(value, str):
-        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
         try:
-            items = [int(p) for p in parts]
+            items = [cast(p) for p in value.replace("x", ",").split(",") if p.strip()]
         except ValueError:
-            raise ValueError(f"{name} must be integers like '16,16,16' (D,H,W); got {value!r}") from None
-    elif isinstance(value, int):
-        items = [value] * 3
-    else:
-        items = [int(v) for v in value]
-    if len(items) == 1:
-        items = items * 3
-    if len(items) != 3 or any(v <= 0 for v in items):
-        raise ValueError(f"{name} must be three positive integers in (D, H, W) order; got {value!r}")
-    return (items[0], items[1], items[2])
-
-
-def as_float_triple(value: float | str | Sequence[float], name: str = "value") -> tuple[float, float, float]:
-    """Parse a spacing-like value into a ``(D, H, W)`` tuple of positive floats."""
-    if isinstance(value, str):
-        items = [float(p) for p in value.replace("x", ",").split(",") if p.strip()]
+            raise ValueError(f"{name} must be numbers like '{example}' (D,H,W); got {value!r}") from None
     elif isinstance(value, (int, float)):
-        items = [float(value)] * 3
+        items = [cast(value)] * 3
     else:
-        items = [float(v) for v in value]
+        items = [cast(v) for v in value]  # type: ignore[union-attr]
     if len(items) == 1:
         items = items * 3
     if len(items) != 3 or any(v <= 0 for v in items):
         raise ValueError(f"{name} must be three positive numbers in (D, H, W) order; got {value!r}")
-    return (items[0], items[1], items[2])
+    return items
+
+
+def as_triple(value: int | str | Sequence[int], name: str = "value") -> Triple:
+    """Parse ``16``, ``"16,16,16"`` or ``(5, 16, 16)`` into a ``(D, H, W)`` tuple of positive ints."""
+    d, h, w = _parse_three(value, name, int, "16,16,16")
+    return (d, h, w)
+
+
+def as_float_triple(value: float | str | Sequence[float], name: str = "value") -> tuple[float, float, float]:
+    """Parse a spacing-like value into a ``(D, H, W)`` tuple of positive floats."""
+    d, h, w = _parse_three(value, name, float, "1.5,1.5,1.5")
+    return (d, h, w)

@@ -123,7 +123,7 @@ def test_cli_inflates_a_local_vit_small_checkpoint(tmp_path):
     "args, message",
     [
         (["--roi", "90,96,96"], "ROI must be a multiple of the patch size"),
-        (["--patch", "16,abc,16"], "--patch must be integers"),
+        (["--patch", "16,abc,16"], "--patch must be numbers like"),
         (["--weights", "/nonexistent/w.safetensors"], "weights file not found"),
         (["--backbone", "resnet18"], "ResNet is not supported"),
     ],
