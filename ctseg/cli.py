@@ -45,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"'{args.command}' is unavailable in this install (missing dependencies)")
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in {"torch", "timm", "monai", "onnx", "safetensors", "tensorboard"}:
+            logging.getLogger("ctseg").error(
+                "'ctseg %s' needs %s, which this install lacks: pip install 'ctseg[train]'", args.command, err.name)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ class SegmentationService:
             self._process(job)
         except Cancelled:
             log.info("job %s cancelled", job_id)
+            if self.store.get(job_id) is None:  # deleted: results written meanwhile go too
+                shutil.rmtree(self.store.job_dir(job_id), ignore_errors=True)
         except (InputError, PayloadTooLarge) as err:
             self.store.update(job_id, state=JobState.FAILED, error=str(err), error_kind="input")
             log.info("job %s failed on its input: %s", job_id, err)

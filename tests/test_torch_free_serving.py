@@ -25,6 +25,10 @@ else:
 def test_server_and_serving_dependencies_import_without_torch():
     code = BLOCK_TORCH + """
 import server, models, models.config, models.registry, models.axes
+import server.app, server.service, server.engine, server.cli, server.predict_cli, server.dicom_seg
+import models.bundle, models.preprocess, models.sliding_window, models.labels, models.volume
+from ctseg.cli import build_parser
+build_parser(['serve'])
 import numpy, SimpleITK, pydicom, highdicom, onnxruntime, fastapi, uvicorn, pydantic_settings, multipart
 assert 'torch' not in sys.modules
 print('ok')
