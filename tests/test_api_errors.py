@@ -177,3 +177,21 @@ def test_status_answers_fast_while_a_job_runs(intensity_bundle, tmp_path):
         during = [lat for lat, s in zip(latencies, states) if s == "running"]
         assert len(during) >= 3
         assert float(np.percentile(during, 99)) < 0.1, during
+
+
+def test_deleting_a_running_job_cancels_it_and_leaves_no_files(intensity_bundle, tmp_path):
+    big, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
+    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75) as c:
+        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", nifti_bytes(big)))]).headers["Location"]
+        for _ in range(400):
+            if c.get(location).json()["state"] == "running":
+                break
+            time.sleep(0.01)
+        assert c.delete(location).status_code == 204
+        assert c.get(location).status_code == 404
+        job_dir = c.app.state.service.store.job_dir(location.rsplit("/", 1)[-1])
+        for _ in range(200):
+            if not job_dir.exists():
+                break
+            time.sleep(0.05)
+        assert not job_dir.exists()
