@@ -15,12 +15,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    import logging
 
+    import uvicorn
+    from pydantic import ValidationError
+
+    from models.bundle import BundleError, load_bundle
     from server.app import create_app
+    from server.engine import discover_bundles
     from server.settings import Settings
 
+    log = logging.getLogger("ctseg.serve")
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("bundle_dirs", args.bundles)) if v}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+        found = discover_bundles(settings.bundle_dirs)
+        if not found:
+            raise BundleError(f"no model bundle found in {', '.join(map(str, settings.bundle_dirs))} (CTSEG_BUNDLE_DIRS)")
+        for path in found:
+            load_bundle(path)  # checksums and manifest, before the server binds its port
+    except (BundleError, ValidationError, ValueError) as err:
+        log.error("%s", err)
+        return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0

@@ -45,3 +45,17 @@ def test_predict_missing_input_and_bad_bundle(intensity_bundle: Path, tmp_path: 
     proc = subprocess.run([sys.executable, "-m", "ctseg", "predict", str(tmp_path), "--out", str(tmp_path / "o"),
                            "--bundles", str(tmp_path / "empty")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and "no model bundle found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_to_start_without_a_valid_bundle(tmp_path: Path, intensity_bundle: Path):
+    proc = subprocess.run([sys.executable, "-m", "ctseg", "serve", "--bundles", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "no model bundle found" in proc.stderr and "Traceback" not in proc.stderr
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(intensity_bundle, broken)
+    (broken / "model.onnx").write_bytes(b"tampered")
+    proc = subprocess.run([sys.executable, "-m", "ctseg", "serve", "--bundles", str(broken)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "checksum mismatch for model.onnx" in proc.stderr
