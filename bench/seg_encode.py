@@ -88,6 +88,9 @@ def main() -> None:
         "ctseg BINARY": lambda: build_seg(series, labels, bundle, "BINARY"),
         "ctseg LABELMAP": lambda: build_seg(series, labels, bundle, "LABELMAP"),
     }
+    # Warm-up on a small series: highdicom loads its standard tables once per process (~1 s), not per call.
+    small_ds, small_labels = make_inputs(4, 2)
+    plain_highdicom(small_ds, small_labels, fake_bundle(2))
     times: dict[str, list[float]] = {k: [] for k in runs}
     sizes: dict[str, int] = {}
     for _ in range(args.repeats):

@@ -68,7 +68,9 @@ class TrainSection:
     steps: int = 1000
     batch_size: int = 2
     crops_per_case: int = 2
-    background_ratio: float = 0.5  # crop centres on background vs on each class
+    # weight of background-centred crops against each class's (None: the number of classes, i.e. half the crops):
+    # too few random crops teach a position-aware ViT that an organ sits at the window centre
+    background_ratio: float | None = None
     lr: float = 3e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 50

@@ -118,7 +118,8 @@ def build_transforms(cfg: TrainConfig, num_classes: int):
         # the liver; classes absent from a case are skipped by MONAI with a warning.
         T.RandCropByLabelClassesd(
             keys, label_key="label", spatial_size=crop_roi, num_classes=num_classes,
-            ratios=[cfg.train.background_ratio] + [1.0] * (num_classes - 1),
+            ratios=[cfg.train.background_ratio if cfg.train.background_ratio is not None else num_classes - 1.0]
+            + [1.0] * (num_classes - 1),
             num_samples=cfg.train.crops_per_case, allow_smaller=False, warn=False, indices_key=INDICES_KEY,
         ),
     ]

@@ -37,7 +37,7 @@ def tiny_config(dataset: Path, output: Path, **train: object) -> dict:
                   "overrides": {"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": [8, 8, 8], "feature_size": 8}},
         "preprocess": {"spacing": [3, 3, 3], "roi": [32, 32, 32]},
         "augment": {"rotate_prob": 0.2, "zoom_prob": 0.2},
-        "train": {"steps": 200, "batch_size": 2, "crops_per_case": 2, "lr": 0.002, "warmup_steps": 10,
+        "train": {"steps": 200, "batch_size": 2, "crops_per_case": 2, "lr": 0.002, "warmup_steps": 10, "background_ratio": 0.5,
                   "val_every": 50, "ckpt_every": 50, **train},
         "output": str(output),
     }
