@@ -65,17 +65,19 @@ def reorient(image: sitk.Image, orientation: str = CANONICAL_ORIENTATION) -> sit
 
 
 def resample_to_spacing(
-    image: sitk.Image, spacing_dhw: tuple[float, float, float], interpolator: int, fill: float = 0.0
+    image: sitk.Image, spacing_dhw: tuple[float, float, float], interpolator: int, fill: float = 0.0,
+    pixel_type: int | None = None,
 ) -> sitk.Image:
     """Resample onto a grid of the given spacing over the same extent; voxel [0,0,0] keeps its centre."""
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.array(spacing_dhw[::-1], dtype=float)
+    out_type = image.GetPixelID() if pixel_type is None else pixel_type
     if np.allclose(old_spacing, new_spacing, rtol=1e-6):
-        return image
+        return image if image.GetPixelID() == out_type else sitk.Cast(image, out_type)
     size = np.maximum(1, np.round(np.array(image.GetSize()) * old_spacing / new_spacing)).astype(int)
     return sitk.Resample(
         image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(), tuple(new_spacing),
-        image.GetDirection(), fill, image.GetPixelID(),
+        image.GetDirection(), fill, out_type,
     )
 
 
@@ -105,10 +107,10 @@ class Preprocessor:
 
     def to_model_grid(self, image: sitk.Image, is_label: bool = False) -> sitk.Image:
         oriented = reorient(image, self.spec.orientation)
-        if not is_label and oriented.GetPixelID() != sitk.sitkFloat32:
-            oriented = sitk.Cast(oriented, sitk.sitkFloat32)
-        interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-        return resample_to_spacing(oriented, self.spec.spacing, interp, 0.0 if is_label else AIR_HU)
+        if is_label:
+            return resample_to_spacing(oriented, self.spec.spacing, sitk.sitkNearestNeighbor, 0.0)
+        # Interpolated straight into float32: no full-resolution float copy of an integer CT.
+        return resample_to_spacing(oriented, self.spec.spacing, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
 
     def forward(self, image: sitk.Image) -> Prepared:
         source = Geometry.of(image)

@@ -274,12 +274,31 @@ def plan_series(items: list[Dataset]) -> SeriesPlan:
     return SeriesPlan(frames, geometry, notes)
 
 
+def _stack(frames: list[Frame]) -> np.ndarray:
+    """HU volume [slices, rows, cols]: int16 when every slice's HU are integers that fit (the usual CT), else
+    float32 — half the memory for long scans. Decoded pixels are dropped from the datasets once stacked."""
+    first = _pixels(frames[0], {})
+    integral = all(f.slope == 1 and float(f.intercept).is_integer() for f in frames)
+    out = np.empty((len(frames), *first.shape), dtype=np.int16 if integral else np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for i, frame in enumerate(frames):
+        plane = first if i == 0 else _pixels(frame, cache)
+        if out.dtype == np.int16 and (plane.min() < -32768 or plane.max() > 32767):
+            out = out.astype(np.float32)
+        out[i] = plane
+        if frame.frame_index is None:
+            cache.pop(id(frame.dataset), None)
+            frame.dataset._pixel_array = None  # pydicom keeps the decoded array otherwise
+    for frame in frames:
+        frame.dataset._pixel_array = None
+    return out
+
+
 def build_series(uid: str, items: list[Dataset]) -> DicomSeries:
     plan = plan_series(items)
     frames = plan.frames
     first = frames[0].dataset
-    cache: dict[int, np.ndarray] = {}
-    array = np.stack([_pixels(f, cache) for f in frames])
+    array = _stack(frames)
     multiframe = frames[0].frame_index is not None
     ordered: list[Dataset] = []
     for f in frames:

@@ -15,8 +15,18 @@ PANEL = 256
 
 
 def _canonical(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    img = sitk.DICOMOrient(volume.to_sitk(), "LPS")
+    """CT and labels in LPS order, reduced to at most PANEL voxels per axis first (memory and time of long scans)."""
+    img = volume.to_sitk()
     lab_img = volume.geometry.apply(sitk.GetImageFromArray(labels))
+    size = np.array(img.GetSize())
+    if size.max() > PANEL:
+        spacing = np.array(img.GetSpacing()) * np.maximum(1.0, size / PANEL)
+        new_size = [int(v) for v in np.maximum(1, np.round(size * np.array(img.GetSpacing()) / spacing))]
+        args = (new_size, sitk.Transform())
+        tail = (img.GetOrigin(), tuple(spacing), img.GetDirection())
+        img = sitk.Resample(img, *args, sitk.sitkLinear, *tail, -1024, sitk.sitkFloat32)
+        lab_img = sitk.Resample(lab_img, *args, sitk.sitkNearestNeighbor, *tail, 0, lab_img.GetPixelID())
+    img = sitk.DICOMOrient(img, "LPS")
     lab = sitk.DICOMOrient(lab_img, "LPS")
     sx, sy, sz = img.GetSpacing()
     return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), (sz, sy, sx)
