@@ -55,15 +55,13 @@ def write_intensity_bundle(
         "name": name, "version": version, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
         "modality": "CT", "description": "test bundle: nearest intensity centre",
         "model": {
-            "name": "intensity", "img_size": list(roi), "patch_size": [roi[0], 16, 16] if roi[0] < 16 else [16, 16, 16],
+            "name": "intensity", "img_size": list(roi), "patch_size": [8, 16, 16],  # a valid 3D-mode config
             "encoder": {"embed_dim": 8, "depth": 1, "num_heads": 1}, "num_classes": len(centres),
         },
         "preprocess": {"spacing": list(spacing), "roi": list(roi), "window": list(window), "orientation": "LPS"},
         "labels": labels,
         "files": {"model.onnx": ""},
     }
-    # a 3D-mode config needs patch depth < ROI depth
-    manifest["model"]["patch_size"] = [8, 16, 16]
     write_manifest(directory, manifest)
     return directory
 
