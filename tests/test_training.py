@@ -108,8 +108,10 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(phantom_dataset: Path, tmp_p
     path = write_config(tmp_path / "cfg.yaml", cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ctseg", "train", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # gloo on the loopback interface only: with container bridges present it may otherwise pick an address the
+    # other rank cannot reach and wait forever.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ddp_weights_agree"] is True and metrics["steps"] == 3
