@@ -18,11 +18,8 @@ from _common import median
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from bundles import labels_only_bundle
 from dicom_factory import series_from_image
-from models.bundle import Bundle
-from models.config import EncoderConfig, ModelConfig
-from models.labels import KNOWN_STRUCTURES, label_for
-from models.preprocess import PreprocessSpec
 from models.volume import Volume
 from server.dicom_input import DicomSeries, plan_series
 from server.dicom_seg import build_seg
@@ -40,15 +37,6 @@ def make_inputs(slices: int, n_labels: int):
         r = rng.uniform([0.05 * slices, 20, 20], [0.15 * slices, 60, 60])
         labels[((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1] = k
     return datasets, labels
-
-
-def fake_bundle(n_labels: int) -> Bundle:
-    names = list(KNOWN_STRUCTURES)
-    labels = tuple(label_for(v, names[(v - 1) % len(names)]) for v in range(1, n_labels + 1))
-    model = ModelConfig(name="bench", img_size=(32, 96, 96), patch_size=(16, 16, 16),
-                        encoder=EncoderConfig(embed_dim=8, depth=1, num_heads=1), num_classes=n_labels + 1)
-    return Bundle(path=None, name="bench", version="1", modality="CT", model=model,  # type: ignore[arg-type]
-                  preprocess=PreprocessSpec(spacing=(1, 1, 1), roi=(32, 96, 96)), labels=labels, files={}, manifest={})
 
 
 def plain_highdicom(datasets, labels, bundle) -> bytes:
@@ -82,7 +70,7 @@ def main() -> None:
     plan = plan_series(datasets)
     series = DicomSeries(datasets[0].SeriesInstanceUID, datasets[0].StudyInstanceUID, datasets[0].FrameOfReferenceUID,
                          "CT", "bench", datasets, Volume(np.zeros(plan.geometry.shape, np.int16), plan.geometry))
-    bundle = fake_bundle(args.labels)
+    bundle = labels_only_bundle(args.labels)
     runs = {
         "highdicom BINARY (defaults)": lambda: plain_highdicom(datasets, labels, bundle),
         "ctseg BINARY": lambda: build_seg(series, labels, bundle, "BINARY"),
@@ -90,7 +78,7 @@ def main() -> None:
     }
     # Warm-up on a small series: highdicom loads its standard tables once per process (~1 s), not per call.
     small_ds, small_labels = make_inputs(4, 2)
-    plain_highdicom(small_ds, small_labels, fake_bundle(2))
+    plain_highdicom(small_ds, small_labels, labels_only_bundle(2))
     times: dict[str, list[float]] = {k: [] for k in runs}
     sizes: dict[str, int] = {}
     for _ in range(args.repeats):

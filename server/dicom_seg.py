@@ -25,6 +25,7 @@ from pydicom.uid import (
 import ctseg
 from models.bundle import Bundle
 from models.labels import Label
+from server.binary_seg import write_binary_seg
 from server.dicom_input import DicomSeries
 from server.errors import InputError
 
@@ -82,7 +83,7 @@ def seg_series_identity(series: DicomSeries, bundle: Bundle) -> tuple[str, int, 
 
 
 def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type: str = "BINARY",
-              keep_empty_frames: bool = False, compression: str = "none") -> bytes:
+              keep_empty_frames: bool = False, compression: str = "none", fast_binary: bool = True) -> bytes:
     """``labels`` [D, H, W] on the series grid (slice order of ``series``) -> DICOM-SEG bytes."""
     if labels.shape != series.volume.shape:
         raise ValueError(f"label map {labels.shape} is not on the series grid {series.volume.shape}")
@@ -91,39 +92,46 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=bundle.name[:64], family=codes.cid7162.ArtificialIntelligence, version=bundle.version[:64],
     )
-    present = sorted(int(v) for v in np.unique(labels) if v)
+    present = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1  # np.unique sorts: ~10x slower here
     by_value = {label.value: label for label in bundle.labels}
     # Every label of the model is described, found or not, so a viewer shows the same legend for every study.
     descriptions = [segment_description(v, by_value[v], algorithm) for v in sorted(by_value)]
     uid, number, description = seg_series_identity(series, bundle)
+    pixel_dtype = np.uint16 if len(by_value) > 255 else np.uint8
+
+    def segmentation(sources: list, pixel: np.ndarray) -> hd.seg.Segmentation:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=pixel.astype(pixel_dtype, copy=False),
+            segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
+            segment_descriptions=descriptions,
+            series_instance_uid=uid,
+            series_number=number,
+            sop_instance_uid=generate_uid(entropy_srcs=[uid, "instance"]),
+            instance_number=1,
+            manufacturer="ctseg",
+            manufacturer_model_name=bundle.name[:64],
+            software_versions=ctseg.__version__,
+            device_serial_number="0",
+            omit_empty_frames=not keep_empty_frames,
+            transfer_syntax_uid=TRANSFER_SYNTAX[compression],
+            content_label="CTSEG",
+            content_description=f"Automatic segmentation, {len(present)} structures found"[:64],
+            content_creator_name="ctseg^automatic",
+        )
+        seg.SeriesDescription = description
+        return seg
+
     if series.multiframe:
-        order = getattr(series, "frame_order")
         pixel = np.empty_like(labels)
-        pixel[np.asarray(order)] = labels  # back to the source's frame order
-        sources = series.datasets
+        pixel[np.asarray(getattr(series, "frame_order"))] = labels  # back to the source's frame order
+        seg = segmentation(series.datasets, pixel)
+    elif seg_type == "BINARY" and compression == "none" and fast_binary:
+        # The default output: frames stamped out as bytes (server/binary_seg.py), same dataset as highdicom's.
+        return write_binary_seg(series.datasets, labels.astype(pixel_dtype, copy=False), sorted(by_value),
+                                keep_empty_frames, segmentation)
     else:
-        pixel = labels
-        sources = series.datasets
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel.astype(np.uint16 if len(by_value) > 255 else np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
-        segment_descriptions=descriptions,
-        series_instance_uid=uid,
-        series_number=number,
-        sop_instance_uid=generate_uid(entropy_srcs=[uid, "instance"]),
-        instance_number=1,
-        manufacturer="ctseg",
-        manufacturer_model_name=bundle.name[:64],
-        software_versions=ctseg.__version__,
-        device_serial_number="0",
-        omit_empty_frames=not keep_empty_frames,
-        transfer_syntax_uid=TRANSFER_SYNTAX[compression],
-        content_label="CTSEG",
-        content_description=f"Automatic segmentation, {len(present)} structures found"[:64],
-        content_creator_name="ctseg^automatic",
-    )
-    seg.SeriesDescription = description
+        seg = segmentation(series.datasets, labels)
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

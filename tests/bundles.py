@@ -14,8 +14,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from models.bundle import write_manifest
-from models.labels import label_for
+from models.bundle import Bundle, write_manifest
+from models.config import EncoderConfig, ModelConfig
+from models.labels import KNOWN_STRUCTURES, label_for
+from models.preprocess import PreprocessSpec
 
 ROI = (16, 32, 32)
 
@@ -68,3 +70,13 @@ def write_intensity_bundle(
 
 def nearest_centre_labels(normalised: np.ndarray, centres: tuple[float, ...]) -> np.ndarray:
     return np.argmin(np.abs(normalised[..., None] - np.asarray(centres)), axis=-1)
+
+
+def labels_only_bundle(n_labels: int, name: str = "labels-only") -> Bundle:
+    """A Bundle object with ``n_labels`` coded labels and no model files: for output writers (SEG) alone."""
+    names = list(KNOWN_STRUCTURES)
+    labels = tuple(label_for(v, names[(v - 1) % len(names)]) for v in range(1, n_labels + 1))
+    model = ModelConfig(name=name, img_size=(32, 96, 96), patch_size=(16, 16, 16),
+                        encoder=EncoderConfig(embed_dim=8, depth=1, num_heads=1), num_classes=n_labels + 1)
+    return Bundle(path=None, name=name, version="1", modality="CT", model=model,  # type: ignore[arg-type]
+                  preprocess=PreprocessSpec(spacing=(1, 1, 1), roi=(32, 96, 96)), labels=labels, files={}, manifest={})
