@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module, naming source UIDs
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"'{args.command}' is unavailable in this install (missing dependencies)")

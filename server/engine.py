@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,20 +44,20 @@ def choose_providers(device: str) -> list[str]:
 
 
 class Engine:
-    """One bundle served by one ONNX Runtime session."""
+    """One bundle served by one ONNX Runtime session.
+
+    The session is created on first use (``warm_up``): a service whose jobs run in worker processes keeps its
+    engines in the API process for the bundle's facts only, and each worker process opens its own session.
+    """
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, overlap: float = 0.25,
                  batch_size: int = 4, float16_accumulation: bool = False) -> None:
         self.bundle = bundle
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
+        self.threads = threads or (os.cpu_count() or 1)
         self.providers = choose_providers(device)
-        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=opts, providers=self.providers)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        log.info("model %s %s on %s (providers %s)", bundle.name, bundle.version, self.device, self.session.get_providers())
-        self.input_name = self.session.get_inputs()[0].name
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
         self.preprocessor = Preprocessor(bundle.preprocess)
         cfg = bundle.model
         self.window = SlidingWindow(cfg.img_size, cfg.out_size, cfg.num_classes, overlap=overlap, batch_size=batch_size,
@@ -67,8 +68,25 @@ class Engine:
     def from_dir(cls, path: str | Path, **kwargs: object) -> "Engine":
         return cls(load_bundle(path), **kwargs)  # type: ignore[arg-type]
 
+    @property
+    def session(self) -> ort.InferenceSession:
+        with self._lock:
+            if self._session is None:
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+                session = ort.InferenceSession(str(self.bundle.onnx_path), sess_options=opts, providers=self.providers)
+                self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+                log.info("model %s %s on %s (providers %s)", self.bundle.name, self.bundle.version, self.device,
+                         session.get_providers())
+                self.input_name = session.get_inputs()[0].name
+                self._session = session
+            return self._session
+
     def predict_windows(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        session = self.session
+        return session.run(None, {self.input_name: batch})[0]
 
     def warm_up(self) -> float:
         start = time.perf_counter()

@@ -27,7 +27,12 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("storage")
     retention_hours: float = Field(72.0, gt=0)
     max_queue: int = Field(16, ge=1)
-    concurrency: int = Field(1, ge=1, description="inferences at a time")
+    concurrency: int = Field(1, ge=1, description="inferences at a time (one worker each)")
+    worker_mode: Literal["process", "thread"] = Field(
+        "process", description="run jobs in worker processes (API never waits on a job's GIL; a killed worker "
+                               "fails only its job) or in threads of the API process")
+    worker_niceness: int = Field(0, ge=0, le=19, description="nice increment of worker processes (the API "
+                                                              "answers first on a busy CPU; costs throughput)")
     sync_timeout_s: float = Field(300.0, gt=0)
     seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     seg_keep_empty_frames: bool = False

@@ -132,6 +132,7 @@ def test_no_patient_identifiers_in_logs_and_inputs_removed(client, caplog):
     failed = post(client, dicom_files(broken))
     assert failed.status_code == 422 and "cannot decode pixel data" in failed.json()["detail"]
     text = caplog.text
+    assert "succeeded in" in text and "failed on its input" in text  # the worker process's log is here too
     assert "Phantom^Test" not in text and "PHANTOM-001" not in text and "19700101" not in text
     store = client.app.state.service.store
     assert not (store.job_dir(ok["id"]) / "input").exists()

@@ -17,8 +17,10 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: bundles loaded and warmed up")
 def readyz(service: ServiceDep) -> JSONResponse:
-    ready = service.ready and all(e.ready for e in service.engines.values())
-    body = {"status": "ready" if ready else "starting", "models": {n: e.ready for n, e in service.engines.items()}}
+    workers = service.workers.healthy
+    ready = service.ready and workers and all(e.ready for e in service.engines.values())
+    body = {"status": "ready" if ready else "starting" if workers else "no worker",
+            "models": {n: e.ready for n, e in service.engines.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -1,0 +1,85 @@
+"""Runs one job from its stored input to its result files and final state; the same code in a thread or a process.
+
+Everything it needs is in the job store (SQLite + files), so it runs as well in a worker process as next to the
+event loop. Cancellation is the job's record disappearing: the API deletes it, the executor notices at its next
+progress report (a store read, so it works across processes) and removes what it wrote meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from server.engine import Engine
+from server.errors import InputError, NotFound, PayloadTooLarge
+from server.jobs import Job, JobState, JobStore
+from server.pipeline import SegOptions, run_pipeline
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The job was deleted while it ran."""
+
+
+class JobExecutor:
+    def __init__(self, settings: Settings, engines: dict[str, Engine], store: JobStore) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.store = store
+
+    def run(self, job_id: str) -> None:
+        """Never raises for a job's own failure: it is recorded as the job's state and error."""
+        job = self.store.get(job_id)
+        if job is None or job.state != JobState.QUEUED:
+            return
+        self.store.update(job_id, state=JobState.RUNNING)
+        try:
+            self._process(job)
+        except Cancelled:
+            log.info("job %s cancelled", job_id)
+            if self.store.get(job_id) is None:  # deleted: results written meanwhile go too
+                shutil.rmtree(self.store.job_dir(job_id), ignore_errors=True)
+        except (InputError, PayloadTooLarge) as err:
+            self.store.update(job_id, state=JobState.FAILED, error=str(err), error_kind="input")
+            log.info("job %s failed on its input: %s", job_id, err)
+        except Exception as err:  # a bug or an environment problem: recorded, never lost
+            log.exception("job %s failed", job_id)
+            self.store.update(job_id, state=JobState.FAILED, error=f"internal error: {type(err).__name__}",
+                              error_kind="internal")
+        finally:
+            shutil.rmtree(self.store.job_dir(job_id) / "input", ignore_errors=True)
+
+    def _check_cancel(self, job_id: str) -> None:
+        if self.store.get(job_id) is None:
+            raise Cancelled()
+
+    def _process(self, job: Job) -> None:
+        engine = self.engines.get(job.model)
+        if engine is None:
+            raise NotFound(f"model {job.model!r} is not loaded")
+        directory = self.store.job_dir(job.id)
+        inputs = sorted(p for p in (directory / "input").rglob("*") if p.is_file())  # zips were unpacked on upload
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] > 0.2 or done == total:
+                last[0] = now
+                self._check_cancel(job.id)
+                self.store.update(job.id, progress_done=done, progress_total=total)
+
+        s = self.settings
+        result = run_pipeline(
+            engine, inputs, directory, job.params.get("outputs", ["nifti"]), job.params.get("series_uid"),
+            SegOptions(s.seg_type, s.seg_keep_empty_frames, s.seg_compression), progress,
+            display_name=inputs[0].name.split("_", 1)[-1] if inputs else None,
+        )
+        self._check_cancel(job.id)  # deleted while finishing
+        self.store.update(job.id, state=JobState.SUCCEEDED, timings=result.timings, notes=result.notes,
+                          outputs=result.produced)
+        self._check_cancel(job.id)  # deleted between the check and the update: its files go too
+        log.info("job %s succeeded in %.2f s (%s)", job.id, sum(result.timings.values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))

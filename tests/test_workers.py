@@ -1,0 +1,55 @@
+"""Jobs in worker processes: the default. A killed worker fails only its job, is replaced, and the API goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from phantoms import make_phantom
+from test_api import nifti_bytes, phantom, post
+from test_api_errors import make_client
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.02):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_jobs_run_in_worker_processes(intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path) as c:
+        workers = c.app.state.service.workers
+        assert workers.pids() and os.getpid() not in workers.pids()
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+def test_thread_mode_still_serves(intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path, worker_mode="thread") as c:
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+def test_a_killed_worker_fails_only_its_job_and_is_replaced(intensity_bundle, tmp_path):
+    big, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
+    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75) as c:
+        workers = c.app.state.service.workers
+        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", nifti_bytes(big)))]).headers["Location"]
+        wait_for(lambda: c.get(location).json()["state"] == "running")
+        (pid, job_id), = workers.running().items()
+        assert location.endswith(job_id)
+        os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+        job = wait_for(lambda: (j := c.get(location).json())["state"] == "failed" and j)
+        assert "worker process running this job stopped (killed" in job["error"]
+        assert not (c.app.state.service.store.job_dir(job_id) / "input").exists()
+        wait_for(lambda: c.get("/readyz").status_code == 200 and workers.pids() and pid not in workers.pids())
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 200 and r.json()["state"] == "succeeded"
