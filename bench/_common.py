@@ -66,11 +66,24 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError("server did not become ready")
 
+    def pids(self) -> list[int]:
+        """The server and its worker processes (all descendants)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(c) for c in task.read_text().split()]
+        return found
+
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-        return float("nan")
+        """Sum of each process's own peak (VmHWM): server plus workers; an upper bound of their joint peak."""
+        total = 0.0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024.0
+        return total
 
     def __enter__(self) -> "Server":
         return self
