@@ -177,10 +177,10 @@ def test_status_answers_fast_while_a_job_runs(intensity_bundle, tmp_path):
         assert "running" in states and job["state"] == "succeeded"
         during = [lat for lat, s in zip(latencies, states) if s == "running"]
         assert len(during) >= 3
-        # Inference runs in worker threads and ONNX Runtime releases the GIL; SimpleITK's resampling in the
-        # worker does not, which costs an occasional stall of ~0.1 s on 2 cores (see bench/README.md).
+        # The job runs in a worker process, so nothing it does holds the API's GIL (in threads, SimpleITK's
+        # resampling stalled status requests by ~0.1 s). Measured here: median ~10 ms, worst ~30 ms.
         assert float(np.median(during)) < 0.05, during
-        assert max(during) < 0.5, during
+        assert max(during) < 0.15, during
 
 
 def test_deleting_a_running_job_cancels_it_and_leaves_no_files(intensity_bundle, tmp_path):
