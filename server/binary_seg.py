@@ -84,13 +84,18 @@ def _plane_order(datasets: list[Dataset]) -> tuple[np.ndarray, np.ndarray, list[
     return positions, order, orientation
 
 
-def _presence(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """present[plane, k]: segment ``values[k]`` has a voxel in that plane."""
+def plane_counts(labels: np.ndarray) -> np.ndarray:
+    """counts[plane, value]: voxels of each label value in each plane (one bincount a plane: cache-sized, and
+    far faster than one bincount or np.unique over the whole volume, which cast it to int64 first)."""
     top = int(labels.max()) if labels.size else 0
-    counts = np.stack([np.bincount(plane.ravel(), minlength=top + 1) for plane in labels])
-    present = np.zeros((labels.shape[0], len(values)), dtype=bool)
+    return np.stack([np.bincount(plane.ravel(), minlength=top + 1) for plane in labels])
+
+
+def _presence(counts: np.ndarray, values: list[int]) -> np.ndarray:
+    """present[plane, k]: segment ``values[k]`` has a voxel in that plane."""
+    present = np.zeros((counts.shape[0], len(values)), dtype=bool)
     for k, v in enumerate(values):
-        if v <= top:
+        if v < counts.shape[1]:
             present[:, k] = counts[:, v] > 0
     return present
 
@@ -176,15 +181,16 @@ def _references(template: Dataset, datasets: list[Dataset]) -> list[Dataset]:
 
 
 def write_binary_seg(datasets: list[Dataset], labels: np.ndarray, segment_numbers: list[int],
-                     keep_empty_frames: bool, build_proxy: ProxyBuilder) -> bytes:
+                     keep_empty_frames: bool, build_proxy: ProxyBuilder, counts: np.ndarray | None = None) -> bytes:
     """``labels`` [N, rows, cols] in the order of ``datasets`` (single-frame sources) -> the SEG file's bytes.
 
-    ``build_proxy(sources, pixel)`` is the caller's highdicom call (uncompressed BINARY), used on one slice.
+    ``build_proxy(sources, pixel)`` is the caller's highdicom call (uncompressed BINARY), used on one slice;
+    ``counts`` is ``plane_counts(labels)`` if the caller has it already.
     """
     if labels.shape[0] != len(datasets):
         raise ValueError(f"{labels.shape[0]} label planes for {len(datasets)} source images")
     positions, order, orientation = _plane_order(datasets)
-    present = _presence(labels, segment_numbers)
+    present = _presence(plane_counts(labels) if counts is None else counts, segment_numbers)
     any_present = present.any(axis=1)
     omit = not keep_empty_frames and bool(any_present.any())  # highdicom keeps every frame of an all-empty result
     included = [int(p) for p in order if any_present[p] or not omit]

@@ -25,7 +25,7 @@ from pydicom.uid import (
 import ctseg
 from models.bundle import Bundle
 from models.labels import Label
-from server.binary_seg import write_binary_seg
+from server.binary_seg import plane_counts, write_binary_seg
 from server.dicom_input import DicomSeries
 from server.errors import InputError
 
@@ -92,7 +92,8 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=bundle.name[:64], family=codes.cid7162.ArtificialIntelligence, version=bundle.version[:64],
     )
-    present = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1  # np.unique sorts: ~10x slower here
+    counts = plane_counts(labels)
+    present = np.flatnonzero(counts[:, 1:].sum(axis=0)) + 1
     by_value = {label.value: label for label in bundle.labels}
     # Every label of the model is described, found or not, so a viewer shows the same legend for every study.
     descriptions = [segment_description(v, by_value[v], algorithm) for v in sorted(by_value)]
@@ -129,7 +130,7 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
     elif seg_type == "BINARY" and compression == "none" and fast_binary:
         # The default output: frames stamped out as bytes (server/binary_seg.py), same dataset as highdicom's.
         return write_binary_seg(series.datasets, labels.astype(pixel_dtype, copy=False), sorted(by_value),
-                                keep_empty_frames, segmentation)
+                                keep_empty_frames, segmentation, counts)
     else:
         seg = segmentation(series.datasets, labels)
     buf = io.BytesIO()

@@ -254,6 +254,8 @@ class ProcessWorkers:
         if self._listening:
             self._log_listener.stop()
             self._listening = False
+        self._log_queue.close()
+        self._log_queue.join_thread()
 
     @property
     def healthy(self) -> bool:
