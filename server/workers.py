@@ -84,19 +84,29 @@ class ThreadWorkers:
         return True
 
 
-class _ToLocalLoggers(logging.Handler):
-    """Hands a worker's log records to the API process's loggers: one log, one configuration."""
+class _PipeLogHandler(logging.handlers.QueueHandler):
+    """Sends a worker's log records to the API process, which hands them to its own loggers: one log."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
+    def __init__(self, send: Callable[[tuple[str, Any]], None]) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.send = send
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.send(("log", record))
 
 
-def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, log_queue: Any) -> None:
+def worker_main(settings_data: dict[str, Any], conn: mpc.Connection) -> None:
     """A worker process: load and warm the engines, then run the jobs the API process sends until ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when workers stop
+    lock = threading.Lock()
+
+    def send(message: tuple[str, Any]) -> None:
+        with lock:  # log records may come from any thread
+            conn.send(message)
+
     settings = Settings(**settings_data)
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    root.handlers[:] = [_PipeLogHandler(send)]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module, naming source UIDs
     try:
@@ -107,9 +117,9 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, log_queue: 
             engine.warm_up()
         executor = JobExecutor(settings, engines, JobStore(settings.storage_dir))
     except Exception as err:
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        send(("error", f"{type(err).__name__}: {err}"))
         return
-    conn.send(("ready", None))
+    send(("ready", None))
     while True:
         try:
             job_id = conn.recv()
@@ -118,7 +128,7 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, log_queue: 
         if job_id is None:
             return
         executor.run(job_id)
-        conn.send(("done", job_id))
+        send(("done", job_id))
 
 
 @dataclass
@@ -145,31 +155,36 @@ class ProcessWorkers:
         self._monitor: threading.Thread | None = None
         self.start_error: str | None = None
         self._deaths: list[float] = []
-        self._log_queue = self._ctx.Queue()
-        self._log_listener = logging.handlers.QueueListener(self._log_queue, _ToLocalLoggers())
-        self._listening = False
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=worker_main, args=(self.settings_data, child, self._log_queue),
-                                    name="ctseg-worker", daemon=True)
+        process = self._ctx.Process(target=worker_main, args=(self.settings_data, child), name="ctseg-worker",
+                                    daemon=True)
         process.start()
         child.close()
         return _Worker(process, parent)
 
     def start(self) -> None:
         t = time.perf_counter()
-        self._log_listener.start()
-        self._listening = True
         self._workers = [self._spawn() for _ in range(self.settings.concurrency)]
         deadline = time.monotonic() + self.start_timeout_s
         for worker in self._workers:
-            message = worker.conn.recv() if worker.conn.poll(max(0.0, deadline - time.monotonic())) else None
-            if message is None or message[0] != "ready":
+            reason = f"not ready within {self.start_timeout_s:.0f} s"
+            while worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                try:
+                    kind, value = worker.conn.recv()
+                except EOFError:
+                    worker.process.join(timeout=5.0)
+                    kind, value = "error", f"it exited with code {worker.process.exitcode}"
+                if kind == "log":
+                    logging.getLogger(value.name).handle(value)
+                    continue
+                worker.ready = kind == "ready"
+                reason = value
+                break
+            if not worker.ready:
                 self.stop()
-                reason = message[1] if message else f"not ready within {self.start_timeout_s:.0f} s"
                 raise WorkerStartError(f"a worker process could not start: {reason}")
-            worker.ready = True
         log.info("%d worker process(es) ready in %.2f s", len(self._workers), time.perf_counter() - t)
         self._monitor = threading.Thread(target=self._watch, name="ctseg-workers", daemon=True)
         self._monitor.start()
@@ -208,7 +223,9 @@ class ProcessWorkers:
             kind, value = worker.conn.recv()
         except (EOFError, OSError):
             return  # it died: its sentinel says so and _replace handles it
-        if kind == "done":
+        if kind == "log":
+            logging.getLogger(value.name).handle(value)
+        elif kind == "done":
             with self._lock:
                 worker.job = None
                 self._dispatch()
@@ -251,11 +268,6 @@ class ProcessWorkers:
             if worker.process.is_alive():  # mid-job: the job is marked interrupted at the next start
                 worker.process.terminate()
                 worker.process.join(timeout=2.0)
-        if self._listening:
-            self._log_listener.stop()
-            self._listening = False
-        self._log_queue.close()
-        self._log_queue.join_thread()
 
     @property
     def healthy(self) -> bool:

@@ -53,3 +53,20 @@ def test_a_killed_worker_fails_only_its_job_and_is_replaced(intensity_bundle, tm
         image, _ = phantom()
         r = post(c, [("ct.nii.gz", nifti_bytes(image))])
         assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+def test_a_worker_that_cannot_open_the_model_stops_start_up_with_the_reason(tmp_path):
+    import json
+
+    import pytest
+
+    from bundles import write_intensity_bundle
+    from models.bundle import write_manifest
+    from server.workers import WorkerStartError
+
+    bundle = write_intensity_bundle(tmp_path / "broken")
+    (bundle / "model.onnx").write_bytes(b"not an onnx graph")
+    write_manifest(bundle, json.loads((bundle / "ctseg.json").read_text()))  # checksums match the broken file
+    with pytest.raises(WorkerStartError, match="worker process could not start: .*(onnx|protobuf|Protobuf)"):
+        with make_client(bundle, tmp_path):
+            pass
