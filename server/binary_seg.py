@@ -26,6 +26,8 @@ from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import format_number_as_ds
 
+from server.label_stats import plane_counts
+
 DERIVATION_IMAGE = Tag(0x0008, 0x9124)
 FRAME_CONTENT = Tag(0x0020, 0x9111)
 PLANE_POSITION = Tag(0x0020, 0x9113)
@@ -82,13 +84,6 @@ def _plane_order(datasets: list[Dataset]) -> tuple[np.ndarray, np.ndarray, list[
     if len(order) != len(datasets):
         raise ValueError("two source images share a plane position; a SEG needs one frame per position")
     return positions, order, orientation
-
-
-def plane_counts(labels: np.ndarray) -> np.ndarray:
-    """counts[plane, value]: voxels of each label value in each plane (one bincount a plane: cache-sized, and
-    far faster than one bincount or np.unique over the whole volume, which cast it to int64 first)."""
-    top = int(labels.max()) if labels.size else 0
-    return np.stack([np.bincount(plane.ravel(), minlength=top + 1) for plane in labels])
 
 
 def _presence(counts: np.ndarray, values: list[int]) -> np.ndarray:

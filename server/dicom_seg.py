@@ -25,9 +25,10 @@ from pydicom.uid import (
 import ctseg
 from models.bundle import Bundle
 from models.labels import Label
-from server.binary_seg import plane_counts, write_binary_seg
+from server.binary_seg import write_binary_seg
 from server.dicom_input import DicomSeries
 from server.errors import InputError
+from server.label_stats import plane_counts
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from models.volume import GeometryError, Volume
 from server.errors import InputError
+from server.label_stats import label_counts
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -49,7 +50,7 @@ def write_nifti(volume: Volume, path: Path) -> None:
 
 def label_volumes(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> dict[str, dict]:
     """Per label: voxel count and volume in mL."""
-    counts = np.bincount(labels.ravel(), minlength=max(names) + 1 if names else 1)
+    counts = label_counts(labels, minlength=max(names) + 1 if names else 1)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {
         names[v]: {"value": v, "voxels": int(counts[v]), "ml": round(int(counts[v]) * voxel_ml, 3)}

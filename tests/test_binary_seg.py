@@ -120,3 +120,13 @@ def test_template_change_is_reported():
     item.FrameContentSequence = [Dataset()]
     with pytest.raises(TemplateError, match="per-frame item holds"):
         FrameStamper(item, [], [1])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_counts_per_plane_match_numpy(dtype):
+    from server.label_stats import label_counts, plane_counts
+
+    labels = np.random.default_rng(0).integers(0, 7, size=(5, 9, 11)).astype(dtype)
+    labels[2] = 0
+    np.testing.assert_array_equal(plane_counts(labels)[3], np.bincount(labels[3].ravel(), minlength=7))
+    np.testing.assert_array_equal(label_counts(labels, minlength=10), np.bincount(labels.ravel(), minlength=10))
