@@ -6,6 +6,8 @@
    ceiling for any fp32 engine on the same work.
 3. int8: ONNX Runtime static quantisation of the convolutions (QOperator, per channel, calibrated on 8 windows
    of the input) over the whole volume: time and agreement with the float32 engine.
+4. The decoder's largest convolution (16 -> 8 channels, 3x3x3, at the ROI) in ONNX Runtime as a 3D convolution and
+   as a 2D convolution over depth-stacked channels (the form MLAS's NCHWc 2D kernels take).
 
     .venv/bin/python bench/sliding_window_levers.py [--input CT.nii.gz] [--threads 0]
 """
@@ -36,12 +38,16 @@ def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
     return median(times)
 
 
-def session(path: str, threads: int, profile: bool = False) -> ort.InferenceSession:
+def _options(threads: int, profile: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.enable_profiling = profile
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return opts
+
+
+def session(path: str, threads: int, profile: bool = False) -> ort.InferenceSession:
+    return ort.InferenceSession(path, _options(threads, profile), providers=["CPUExecutionProvider"])
 
 
 def operator_shares(path: str, batch: np.ndarray, threads: int) -> dict[str, float]:
@@ -78,6 +84,50 @@ def flops_per_window(model, roi) -> float:  # type: ignore[no-untyped-def]
     for h in handles:
         h.remove()
     return total[0]
+
+
+def conv_forms(roi, threads: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Seconds for a 16->8 3x3x3 convolution on a batch of 4 windows: 3D form, 2D depth-stacked form (ORT)."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Conv3(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(16, 8, 3, padding=1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    class Conv2Stacked(nn.Module):
+        def __init__(self, c3: Conv3) -> None:
+            super().__init__()
+            w = c3.conv.weight  # (out, in, kd, kh, kw) -> (out, kd * in, kh, kw)
+            self.conv = nn.Conv2d(48, 8, 3, padding=1, bias=False)
+            self.conv.weight.data = w.permute(0, 2, 1, 3, 4).reshape(8, 48, 3, 3).contiguous()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, d, h, w = x.shape
+            xp = nn.functional.pad(x, (0, 0, 0, 0, 1, 1))
+            stacked = torch.stack([xp[:, :, k:k + d] for k in range(3)], dim=1).permute(0, 3, 1, 2, 4, 5)
+            y = self.conv(stacked.reshape(n * d, 3 * c, h, w))
+            return y.reshape(n, d, -1, h, w).permute(0, 2, 1, 3, 4)
+
+    x = torch.randn(4, 16, *roi)
+    c3 = Conv3().eval()
+    c2 = Conv2Stacked(c3).eval()
+    with torch.no_grad():
+        assert torch.allclose(c3(x), c2(x), atol=1e-4)
+    seconds = []
+    for module in (c3, c2):
+        buf = io.BytesIO()
+        torch.onnx.export(module, (x,), buf, opset_version=17, dynamo=False)
+        s = ort.InferenceSession(buf.getvalue(), _options(threads), providers=["CPUExecutionProvider"])
+        feed = {s.get_inputs()[0].name: x.numpy()}
+        seconds.append(timed(lambda: s.run(None, feed)))
+    return seconds[0], seconds[1]
 
 
 def main() -> None:
@@ -154,11 +204,14 @@ def main() -> None:
             dices.append(2 * (p & q).sum() / (p.sum() + q.sum()))
     print(f"int8 (static, per channel): whole volume {t_int8:.2f} s vs float32 {t_fp32:.2f} s "
           f"({t_fp32 / t_int8:.2f}x); argmax agreement {100 * agreement:.3f}%, min class Dice {min(dices):.3f}")
+    t3, t2 = conv_forms(cfg.img_size, threads)
+    print(f"16->8 3x3x3 convolution, batch 4 at {cfg.img_size}: 3D form {1e3 * t3:.0f} ms, "
+          f"2D depth-stacked form {1e3 * t2:.0f} ms")
     conv_share = shares.get("Conv", 0.0)
     print(f"SUMMARY sliding_window_levers conv_share={100 * conv_share:.0f}% gflop_per_window={flops / 1e9:.2f} "
           f"torch_gflops={torch_rate / 1e9:.1f} ort_gflops={ort_rate / 1e9:.1f} matmul_gflops={mm_rate / 1e9:.1f} "
           f"fp32_ceiling_vs_torch={ceiling:.2f}x int8_speedup={t_fp32 / t_int8:.2f}x int8_agreement={100 * agreement:.3f}% "
-          f"int8_min_dice={min(dices):.3f}")
+          f"int8_min_dice={min(dices):.3f} conv3d_ms={1e3 * t3:.0f} conv2d_stacked_ms={1e3 * t2:.0f}")
 
 
 if __name__ == "__main__":
