@@ -23,6 +23,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def agreement_and_dice(a, b, num_classes: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """Fraction of voxels with the same label, and Dice per foreground class present in either map."""
+    dices = []
+    for c in range(1, num_classes):
+        p, q = a == c, b == c
+        if p.sum() + q.sum():
+            dices.append(float(2 * (p & q).sum() / (p.sum() + q.sum())))
+    return float((a == b).mean()), dices
+
+
 def eager_model(bundle):  # type: ignore[no-untyped-def]
     """The bundle's network as an eager torch module, weights taken from its TorchScript file."""
     import torch

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-from _common import DEMO_BUNDLE, EXAMPLE_CT, eager_model, median
+from _common import DEMO_BUNDLE, EXAMPLE_CT, agreement_and_dice, eager_model, median
 
 
 def main() -> None:
@@ -67,12 +67,7 @@ def main() -> None:
             outs[name] = fn()
             times[name].append(time.perf_counter() - t)
     a, b = outs["monai"], outs["ctseg"]
-    agreement = float((a == b).mean())
-    dices = []
-    for c in range(1, cfg.num_classes):
-        p, q = a == c, b == c
-        if p.sum() + q.sum():
-            dices.append(2 * (p & q).sum() / (p.sum() + q.sum()))
+    agreement, dices = agreement_and_dice(a, b, cfg.num_classes)
     ratio = median(times["monai"]) / median(times["ctseg"])
     stats = engine.window.last_stats
     print(f"monai eager: {', '.join(f'{t:.2f}' for t in times['monai'])} s; ctseg: "

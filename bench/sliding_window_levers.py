@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import SimpleITK as sitk
-from _common import DEMO_BUNDLE, EXAMPLE_CT, eager_model, median
+from _common import DEMO_BUNDLE, EXAMPLE_CT, agreement_and_dice, eager_model, median
 
 
 def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
@@ -196,12 +196,7 @@ def main() -> None:
         t = time.perf_counter()
         quantised = engine.window(volume, lambda b: s8.run(None, {name: b})[0])
         t_int8 = time.perf_counter() - t
-    agreement = float((reference == quantised).mean())
-    dices = []
-    for c in range(1, cfg.num_classes):
-        p, q = reference == c, quantised == c
-        if p.sum() + q.sum():
-            dices.append(2 * (p & q).sum() / (p.sum() + q.sum()))
+    agreement, dices = agreement_and_dice(reference, quantised, cfg.num_classes)
     print(f"int8 (static, per channel): whole volume {t_int8:.2f} s vs float32 {t_fp32:.2f} s "
           f"({t_fp32 / t_int8:.2f}x); argmax agreement {100 * agreement:.3f}%, min class Dice {min(dices):.3f}")
     t3, t2 = conv_forms(cfg.img_size, threads)
