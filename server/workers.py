@@ -42,6 +42,8 @@ class WorkerStartError(RuntimeError):
 
 
 class Workers(Protocol):
+    start_error: str | None  # set when no worker can run any more
+
     def start(self) -> None: ...
     def submit(self, job_id: str) -> None: ...
     def stop(self) -> None: ...
@@ -58,6 +60,7 @@ class ThreadWorkers:
     """Jobs in a thread pool of the API process, sharing its engines and job store."""
 
     def __init__(self, settings: Settings, engines: dict[str, Engine], store: JobStore, on_done: DoneFn) -> None:
+        self.start_error: str | None = None
         self.engines = engines
         self.executor = JobExecutor(settings, engines, store)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="ctseg-job")

@@ -17,10 +17,11 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: bundles loaded and warmed up")
 def readyz(service: ServiceDep) -> JSONResponse:
-    workers = service.workers.healthy
-    ready = service.ready and workers and all(e.ready for e in service.engines.values())
-    body = {"status": "ready" if ready else "starting" if workers else "no worker",
-            "models": {n: e.ready for n, e in service.engines.items()}}
+    ready = service.ready and service.workers.healthy and all(e.ready for e in service.engines.values())
+    status = "ready" if ready else "starting"
+    if not ready and service.workers.start_error:
+        status = f"no worker: {service.workers.start_error}"
+    body = {"status": status, "models": {n: e.ready for n, e in service.engines.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
