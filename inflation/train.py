@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import models.nets._torchvision_compat  # noqa: F401
-from inflation.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from inflation.checkpoint import read_checkpoint, save_checkpoint
 from inflation.config import ConfigError, TrainConfig
 from inflation.data import Case, discover, load_case, output_labels, split_cases
 from models.config import ModelConfig

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ctseg
 from server.errors import InputError, NotFound, PayloadTooLarge, QueueFull
