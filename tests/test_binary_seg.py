@@ -84,12 +84,16 @@ def test_same_dataset_as_highdicom(orientation, keep_empty_frames):
     np.testing.assert_array_equal(fast.pixel_array, reference.pixel_array)
 
 
-@pytest.mark.parametrize("case", ["all empty", "one label (3D organisation)", "frames off byte boundaries"])
+@pytest.mark.parametrize("case", ["all empty", "one label (3D organisation)", "frames off byte boundaries",
+                                  "source states its slice spacing"])
 def test_edge_cases_match_highdicom(case):
     if case == "frames off byte boundaries":
         series = make_series(size=(13, 11, 6))  # 143 bits a frame
     else:
         series = make_series()
+    if case == "source states its slice spacing":
+        for ds in series.datasets:
+            ds.SpacingBetweenSlices = "2.5"
     n = 1 if case.startswith("one label") else 3
     bundle = labels_only_bundle(n)
     labels = np.zeros(series.volume.shape, np.uint8)
