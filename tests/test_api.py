@@ -206,3 +206,25 @@ def test_async_job_with_progress_and_delete(client):
     assert job["progress"]["windows_done"] == job["progress"]["windows_total"] > 0
     assert client.delete(location).status_code == 204
     assert client.get(location).status_code == 404
+
+
+def test_preview_of_a_long_scan_is_bounded_and_shows_the_label():
+    from PIL import Image
+
+    from models.labels import label_for
+    from models.volume import Geometry, Volume
+    from server.preview import PANEL, render_preview
+
+    shape = (600, 40, 300)  # (D, H, W): longer than a panel along depth and width
+    ct = np.full(shape, -1000, np.int16)
+    labels = np.zeros(shape, np.uint8)
+    ct[200:400, 10:30, 100:200] = 40
+    labels[200:400, 10:30, 100:200] = 1
+    volume = Volume(ct, Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
+    liver = label_for(1, "liver")
+    png = Image.open(io.BytesIO(render_preview(volume, labels, (liver,)))).convert("RGB")
+    assert png.width <= 3 * PANEL + 32
+    pixels = np.asarray(png).reshape(-1, 3).astype(float)
+    grey = np.clip((40 + 160) / 400, 0, 1) * 255
+    blended = 0.45 * grey + 0.55 * np.asarray(liver.color, dtype=float)
+    assert (np.abs(pixels - blended).max(axis=1) <= 2).sum() > 100  # the overlay colour over the block
