@@ -46,16 +46,19 @@ def _options(threads: int, profile: bool = False) -> ort.SessionOptions:
     return opts
 
 
-def session(path: str, threads: int, profile: bool = False) -> ort.InferenceSession:
-    return ort.InferenceSession(path, _options(threads, profile), providers=["CPUExecutionProvider"])
+def session(path: str, threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(path, _options(threads), providers=["CPUExecutionProvider"])
 
 
 def operator_shares(path: str, batch: np.ndarray, threads: int) -> dict[str, float]:
-    s = session(path, threads, profile=True)
-    name = s.get_inputs()[0].name
-    for _ in range(3):
-        s.run(None, {name: batch})
-    events = json.loads(Path(s.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = _options(threads, profile=True)
+        opts.profile_file_prefix = f"{tmp}/ort_profile"  # not in the working directory
+        s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        for _ in range(3):
+            s.run(None, {name: batch})
+        events = json.loads(Path(s.end_profiling()).read_text())
     per_op: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

@@ -21,6 +21,7 @@ from models.bundle import Bundle, BundleError, load_bundle
 from models.preprocess import Preprocessor
 from models.sliding_window import SlidingWindow
 from models.volume import Volume
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -130,3 +131,10 @@ def load_engines(dirs: list[Path], **kwargs: object) -> dict[str, Engine]:
     if not engines:
         raise BundleError(f"no model bundle found in {', '.join(map(str, dirs))}")
     return engines
+
+
+def engines_from_settings(settings: Settings) -> dict[str, Engine]:
+    """The service's, the workers' and ``ctseg predict``'s engines: one reading of the settings."""
+    return load_engines(settings.bundle_dirs, device=settings.device, threads=settings.ort_threads,
+                        overlap=settings.sw_overlap, batch_size=settings.sw_batch,
+                        float16_accumulation=settings.accumulate_float16)

@@ -21,5 +21,11 @@ class PayloadTooLarge(ValueError):
     status_code = 413
 
 
-class QueueFull(RuntimeError):
+class ServiceUnavailable(RuntimeError):
+    """The service cannot take work now (HTTP 503 with Retry-After)."""
+
     status_code = 503
+
+
+class QueueFull(ServiceUnavailable):
+    pass

@@ -55,7 +55,7 @@ def _expand(path: Path, scratch: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.engine import load_engines
+    from server.engine import engines_from_settings
     from server.errors import InputError, PayloadTooLarge
     from server.pipeline import SegOptions, run_pipeline
     from server.routers.segmentations import _parse_outputs
@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
         outputs = _parse_outputs(args.outputs)
-        engines = load_engines(settings.bundle_dirs, device=settings.device, threads=settings.ort_threads,
-                               overlap=settings.sw_overlap, batch_size=settings.sw_batch)
+        engines = engines_from_settings(settings)
         engine = engines[args.model] if args.model else next(iter(engines.values()))
     except KeyError:
         log.error("unknown model %r; available: %s", args.model, ", ".join(sorted(engines)))

@@ -8,12 +8,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine import Engine, load_engines
-from server.errors import NotFound, QueueFull
+from server.engine import Engine, engines_from_settings
+from server.errors import NotFound, QueueFull, ServiceUnavailable
 from server.jobs import Job, JobState, JobStore
 from server.metrics import Metrics
 from server.settings import Settings
-from server.workers import ProcessWorkers, ThreadWorkers, Workers, engine_options
+from server.workers import ProcessWorkers, ThreadWorkers, Workers
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class SegmentationService:
         self.settings = settings
         self.metrics = Metrics()
         # In process mode these engines give the bundles' facts only; the workers open the sessions.
-        self.engines = load_engines(settings.bundle_dirs, **engine_options(settings))
+        self.engines = engines_from_settings(settings)
         self.default_model = settings.default_model or next(iter(self.engines))
         if self.default_model not in self.engines:
             raise NotFound(f"default model {self.default_model!r} is not among the loaded bundles {sorted(self.engines)}")
@@ -83,6 +83,8 @@ class SegmentationService:
         return counts[JobState.QUEUED.value] + counts[JobState.RUNNING.value]
 
     def create_job(self, sub: Submission) -> Job:
+        if self.workers.start_error:
+            raise ServiceUnavailable(f"no worker can run jobs ({self.workers.start_error}); see the service log")
         if self.active_jobs() >= self.settings.max_queue:
             raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
         return self.store.create(sub.model, sub.input_kind, {"outputs": sub.outputs, "series_uid": sub.series_uid})

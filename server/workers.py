@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
-from server.engine import Engine, load_engines
+from server.engine import Engine, engines_from_settings
 from server.job_executor import JobExecutor
 from server.jobs import JobStore
 from server.settings import Settings
@@ -50,10 +50,6 @@ class Workers(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-
-def engine_options(settings: Settings) -> dict[str, Any]:
-    return dict(device=settings.device, threads=settings.ort_threads, overlap=settings.sw_overlap,
-                batch_size=settings.sw_batch, float16_accumulation=settings.accumulate_float16)
 
 
 class ThreadWorkers:
@@ -115,7 +111,7 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection) -> None:
     try:
         if settings.worker_niceness:
             os.nice(settings.worker_niceness)  # the API process's event loop goes first on a busy CPU
-        engines = load_engines(settings.bundle_dirs, **engine_options(settings))
+        engines = engines_from_settings(settings)
         for engine in engines.values():
             engine.warm_up()
         executor = JobExecutor(settings, engines, JobStore(settings.storage_dir))

@@ -70,3 +70,19 @@ def test_a_worker_that_cannot_open_the_model_stops_start_up_with_the_reason(tmp_
     with pytest.raises(WorkerStartError, match="worker process could not start: .*(onnx|protobuf|Protobuf)"):
         with make_client(bundle, tmp_path):
             pass
+
+
+def test_a_crash_loop_stops_restarts_and_submissions_get_503(intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path) as c:
+        workers = c.app.state.service.workers
+        for _ in range(6):  # more than 5 deaths within a minute
+            pid = wait_for(lambda: workers.healthy and workers.pids() and workers.pids()[0])
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: pid not in workers.pids())
+        assert workers.start_error and "not restarting" in workers.start_error
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"].startswith("no worker")
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 503 and "no worker can run jobs" in r.json()["detail"]
+        assert r.headers["Retry-After"] == "30"
