@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import ctseg
-from server.errors import InputError, NotFound, PayloadTooLarge, ServiceUnavailable
+from server.errors import BadGateway, InputError, NotFound, PayloadTooLarge, ServiceUnavailable
 from server.routers import health, models, segmentations
 from server.service import SegmentationService
 from server.settings import Settings
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
             svc.metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
-    for exc_type in (InputError, NotFound, PayloadTooLarge, ServiceUnavailable):
+    for exc_type in (InputError, NotFound, PayloadTooLarge, ServiceUnavailable, BadGateway):
         app.add_exception_handler(exc_type, _error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(Exception, _internal_handler)

@@ -67,7 +67,7 @@ class SeriesSummary:
     slices: int
 
 
-def read_datasets(blobs: Iterable[tuple[str, bytes]], headers_only: bool = False) -> list[Dataset]:
+def read_datasets(blobs: Iterable[tuple[str, object]], headers_only: bool = False) -> list[Dataset]:
     """Parse uploaded files; anything that is not DICOM is named in a 422."""
     datasets, bad = [], []
     for name, data in blobs:
@@ -113,6 +113,10 @@ def choose_series(groups: dict[str, list[Dataset]], series_uid: str | None, moda
         if series_uid not in groups:
             listing = [summarise(u, g).__dict__ for u, g in groups.items()]
             raise InputError(f"series {series_uid} is not in the upload", {"series": listing})
+        modality = str(getattr(groups[series_uid][0], "Modality", "") or "").upper()
+        if modality not in modalities:  # naming a series does not bypass what the model accepts
+            raise InputError(f"series {series_uid} has modality {modality or '(none)'}; the model takes "
+                             f"{'/'.join(sorted(modalities))}")
         return series_uid, groups[series_uid]
     candidates = {u: g for u, g in groups.items() if str(getattr(g[0], "Modality", "") or "").upper() in modalities}
     if not candidates:
@@ -350,12 +354,25 @@ def _select(datasets: list[Dataset], series_uid: str | None, modalities: set[str
     return uid, items, generated
 
 
+@dataclass(frozen=True)
+class SeriesChoice:
+    """The series chosen from an input at staging, checked from its headers."""
+
+    series_uid: str
+    files: list[str]  # the paths (as given) of the chosen series' instances
+    geometry: Geometry
+    modality: str
+    notes: list[str]
+
+
 def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
-                   modalities: set[str] | None = None) -> tuple[str, Geometry, list[str]]:
-    """Header-only check at submission time: the series choice and its geometry, no pixel decoding."""
+                   modalities: set[str] | None = None) -> SeriesChoice:
+    """Header-only check at staging: the series choice and its geometry, no pixel decoding. Blobs given as
+    paths are reported in ``files`` (pydicom records the path it read)."""
     uid, items, _ = _select(read_datasets(blobs, headers_only=True), series_uid, modalities)
     plan = plan_series(items)
-    return uid, plan.geometry, plan.notes
+    return SeriesChoice(uid, [str(getattr(ds, "filename", "") or "") for ds in items], plan.geometry,
+                        str(getattr(items[0], "Modality", "") or ""), plan.notes)
 
 
 def load_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,

@@ -29,3 +29,9 @@ class ServiceUnavailable(RuntimeError):
 
 class QueueFull(ServiceUnavailable):
     pass
+
+
+class BadGateway(RuntimeError):
+    """A PACS the service depends on for this request failed or cannot be reached (HTTP 502)."""
+
+    status_code = 502

@@ -16,6 +16,7 @@ from server.errors import InputError, NotFound, PayloadTooLarge
 from server.jobs import Job, JobState, JobStore
 from server.pipeline import SegOptions, run_pipeline
 from server.settings import Settings
+from server.vocabulary import ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,21 @@ class JobExecutor:
             if self.store.get(job_id) is None:  # deleted: results written meanwhile go too
                 shutil.rmtree(self.store.job_dir(job_id), ignore_errors=True)
         except (InputError, PayloadTooLarge) as err:
-            self.store.update(job_id, state=JobState.FAILED, error=str(err), error_kind="input")
+            self._discard_results(job_id)
+            self.store.fail(job_id, ErrorKind.INPUT, str(err))
             log.info("job %s failed on its input: %s", job_id, err)
         except Exception as err:  # a bug or an environment problem: recorded, never lost
             log.exception("job %s failed", job_id)
-            self.store.update(job_id, state=JobState.FAILED, error=f"internal error: {type(err).__name__}",
-                              error_kind="internal")
+            self._discard_results(job_id)
+            self.store.fail(job_id, ErrorKind.INTERNAL, f"internal error: {type(err).__name__}")
         finally:
             shutil.rmtree(self.store.job_dir(job_id) / "input", ignore_errors=True)
+
+    def _discard_results(self, job_id: str) -> None:
+        """A failed job keeps its record and nothing else: no half-written or misleading results."""
+        for path in self.store.job_dir(job_id).glob("*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
     def _check_cancel(self, job_id: str) -> None:
         if self.store.get(job_id) is None:
@@ -60,8 +68,11 @@ class JobExecutor:
         engine = self.engines.get(job.model)
         if engine is None:
             raise NotFound(f"model {job.model!r} is not loaded")
+        staged = job.staged
+        if staged is None:
+            raise RuntimeError(f"job {job.id} was queued without a staged input")
         directory = self.store.job_dir(job.id)
-        inputs = sorted(p for p in (directory / "input").rglob("*") if p.is_file())  # zips were unpacked on upload
+        inputs = [directory / "input" / name for name in staged.files]  # chosen at staging; nothing re-decided
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -73,13 +84,15 @@ class JobExecutor:
 
         s = self.settings
         result = run_pipeline(
-            engine, inputs, directory, job.params.get("outputs", ["nifti"]), job.params.get("series_uid"),
+            engine, staged.kind, inputs, directory, job.outputs_requested, staged.series_uid,
             SegOptions(s.seg_type, s.seg_keep_empty_frames, s.seg_compression), progress,
-            display_name=inputs[0].name.split("_", 1)[-1] if inputs else None,
+            display_name=staged.display_name,
         )
         self._check_cancel(job.id)  # deleted while finishing
-        self.store.update(job.id, state=JobState.SUCCEEDED, timings=result.timings, notes=result.notes,
-                          outputs=result.produced)
-        self._check_cancel(job.id)  # deleted between the check and the update: its files go too
+        deliver_to = job.destinations if "seg.dcm" in result.produced else []
+        # Success and the SEG's deliveries in one transaction: the outbox holds it before the job counts as done.
+        if not self.store.succeed(job.id, result.timings, list(staged.notes) + result.notes, result.produced,
+                                  deliver_to):
+            raise Cancelled()  # deleted between the check and the update: its files go too
         log.info("job %s succeeded in %.2f s (%s)", job.id, sum(result.timings.values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))

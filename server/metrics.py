@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.jobs import JobStore
+from server.vocabulary import DeliveryState
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("ctseg_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("ctseg_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry,
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("ctseg_requests_total", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.latency = Histogram("ctseg_request_seconds", "HTTP request latency", ["method", "route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.inference_seconds = Histogram("ctseg_job_seconds", "Job processing time (decode to write)", registry=self.registry,
+        self.inference_seconds = Histogram("ctseg_job_seconds", "Job processing time (decode to write)", registry=r,
                                            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
-        self.queue_depth = Gauge("ctseg_queue_depth", "Jobs queued or running", registry=self.registry)
-        self.jobs_finished = Counter("ctseg_jobs_finished_total", "Finished jobs by final state", ["state"], registry=self.registry)
-        self.jobs_by_state = Gauge("ctseg_jobs", "Jobs in the store by state", ["state"], registry=self.registry)
+        self.queue_depth = Gauge("ctseg_queue_depth", "Jobs staging, queued or running", registry=r)
+        self.jobs_finished = Counter("ctseg_jobs_finished_total", "Finished jobs by final state", ["state"], registry=r)
+        self.jobs_by_state = Gauge("ctseg_jobs", "Jobs in the store by state", ["state"], registry=r)
+        self.deliveries = Gauge("ctseg_deliveries", "SEG deliveries in the store by destination and state",
+                                ["destination", "state"], registry=r)
+        self.delivery_attempts = Counter("ctseg_delivery_attempts_total", "Delivery attempts by destination and "
+                                         "outcome (delivered, retry, failed)", ["destination", "outcome"], registry=r)
+        self.outbox_depth = Gauge("ctseg_outbox_depth", "SEG deliveries pending", registry=r)
+        self.outbox_oldest = Gauge("ctseg_outbox_oldest_pending_seconds", "Age of the oldest pending delivery "
+                                   "(0 when none)", registry=r)
+        self.dicom_instances = Counter("ctseg_dicom_instances_received_total", "Instances stored by the DICOM "
+                                       "listener", registry=r)
+        self.dicom_associations = Counter("ctseg_dicom_associations_total", "DICOM associations by outcome "
+                                          "(accepted, rejected, released, aborted)", ["outcome"], registry=r)
+        self.dicom_series = Counter("ctseg_dicom_series_total", "Received series by fate (routed, unrouted, "
+                                    "aborted)", ["fate"], registry=r)
 
-    def render(self, job_counts: dict[str, int]) -> bytes:
-        for state, n in job_counts.items():
+    def render(self, store: JobStore) -> bytes:
+        for state, n in store.counts().items():
             self.jobs_by_state.labels(state=state).set(n)
+        by_state, oldest = store.outbox_stats()
+        pending = 0
+        self.deliveries.clear()  # a (destination, state) with no rows left reads as absent, not as its old value
+        for (destination, state), n in by_state.items():
+            self.deliveries.labels(destination, state).set(n)
+            pending += n if state == DeliveryState.PENDING.value else 0
+        self.outbox_depth.set(pending)
+        self.outbox_oldest.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
         return generate_latest(self.registry)

@@ -19,12 +19,33 @@ def is_nifti_name(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def _itk_reason(err: RuntimeError, path: Path) -> str:
+    """ITK's last line, without the stored file's path (its name came from the client and may name a patient)."""
+    text = str(err).strip()
+    last = text.splitlines()[-1] if text else "unreadable"
+    return last.replace(str(path), "the file").replace(path.name, "the file")[:200]
+
+
+def check_nifti_header(path: Path, name: str) -> None:
+    """Header-only check at staging: readable, one 3D grey-scale volume."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise InputError(f"{name}: not a readable NIfTI file ({_itk_reason(err, path)})") from None
+    size = reader.GetSize()
+    if len(size) not in (3, 4) or (len(size) == 4 and size[3] != 1):
+        raise InputError(f"{name}: expected a 3D volume; got size {size}")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{name}: expected grey-scale CT (one value per voxel)")
+
+
 def read_nifti(path: Path, name: str) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else "unreadable"
-        raise InputError(f"{name}: not a readable NIfTI file ({first})") from None
+        raise InputError(f"{name}: not a readable NIfTI file ({_itk_reason(err, path)})") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:

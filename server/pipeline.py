@@ -11,8 +11,9 @@ from pathlib import Path
 from server.dicom_input import load_series
 from server.dicom_seg import build_seg
 from server.engine import Engine, Timings
-from server.nifti_io import is_nifti_name, label_volumes, read_nifti, write_nifti
+from server.nifti_io import label_volumes, read_nifti, write_nifti
 from server.preview import render_preview
+from server.vocabulary import InputKind, Output
 
 ProgressFn = Callable[[int, int], None]
 
@@ -33,22 +34,24 @@ class PipelineResult:
 
 def run_pipeline(
     engine: Engine,
+    kind: InputKind,
     inputs: list[Path],
     out_dir: Path,
     outputs: list[str],
     series_uid: str | None = None,
     seg: SegOptions | None = None,
     progress: ProgressFn | None = None,
-    display_name: str | None = None,
+    display_name: str = "the input",
 ) -> PipelineResult:
-    """``inputs``: one NIfTI file, or DICOM files. Writes labelmap.nii.gz, seg.dcm, volumes.json, preview.png."""
+    """``inputs``: one NIfTI file, or the chosen DICOM series' files (see server/staging.py).
+    Writes labelmap.nii.gz, seg.dcm, volumes.json, preview.png."""
     seg = seg or SegOptions()
     timings = Timings()
     notes: list[str] = []
     t = time.perf_counter()
     series = None
-    if len(inputs) == 1 and is_nifti_name(inputs[0].name):
-        volume = read_nifti(inputs[0], display_name or inputs[0].name)
+    if kind == InputKind.NIFTI:
+        volume = read_nifti(inputs[0], display_name)
     else:
         series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality})
         volume = series.volume
@@ -57,12 +60,12 @@ def run_pipeline(
     labels = engine.segment(volume, progress, timings)
     produced: list[str] = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "nifti" in outputs:
+    if Output.NIFTI in outputs:
         t = time.perf_counter()
         write_nifti(labels, out_dir / "labelmap.nii.gz")
         produced.append("labelmap.nii.gz")
         timings.add("write", time.perf_counter() - t)
-    if "dicom-seg" in outputs:
+    if Output.DICOM_SEG in outputs:
         if series is None:
             notes.append("no DICOM-SEG: the input was NIfTI, which has no source instances to reference")
         else:

@@ -58,14 +58,15 @@ def run(args: argparse.Namespace) -> int:
     from server.engine import engines_from_settings
     from server.errors import InputError, PayloadTooLarge
     from server.pipeline import SegOptions, run_pipeline
-    from server.routers.segmentations import _parse_outputs
+    from server.staging import select_input
+    from server.vocabulary import parse_outputs
     from server.settings import Settings
     from models.bundle import BundleError
 
     overrides = {k: v for k, v in (("bundle_dirs", args.bundles), ("device", args.device)) if v}
     try:
         settings = Settings(**overrides)
-        outputs = _parse_outputs(args.outputs)
+        outputs = parse_outputs(args.outputs)
         engines = engines_from_settings(settings)
         engine = engines[args.model] if args.model else next(iter(engines.values()))
     except KeyError:
@@ -83,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         name = item.name.split(".")[0] or "input"
         with tempfile.TemporaryDirectory() as scratch:
             try:
-                files = _expand(item, Path(scratch))
-                result = run_pipeline(engine, files, args.out / name, outputs, args.series_uid,
+                chosen = select_input(_expand(item, Path(scratch)), args.series_uid, {engine.bundle.modality})
+                result = run_pipeline(engine, chosen.kind, chosen.files, args.out / name, outputs, chosen.series_uid,
                                       SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression),
-                                      ProgressBar(name))
+                                      ProgressBar(name), chosen.display_name)
             except (InputError, PayloadTooLarge) as err:
                 log.error("%s: %s", item, err)
                 failures += 1

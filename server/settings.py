@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.nodes import Node, Route, check_ae_title, check_unique_names
+
 DEFAULT_BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
 
 
@@ -41,6 +43,25 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
 
+    # ---- PACS integration (README "Connecting to your PACS")
+    destinations: list[Node] = Field(default_factory=list, description="JSON list of SEG destinations "
+                                     '(e.g. [{"name": "pacs", "kind": "dicomweb", "url": "http://pacs:8042/dicom-web"}])')
+    default_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="destination names that receive every job's SEG unless the job names its own")
+    sources: list[Node] = Field(default_factory=list, description="JSON list of nodes to pull series from by UID")
+    dicom_port: int | None = Field(None, ge=1, le=65535, description="DICOM listener (C-STORE SCP) port; unset: none")
+    dicom_host: str | None = Field(None, description="DICOM listener address (default: CTSEG_HOST)")
+    dicom_ae_title: str = Field("CTSEG", description="the service's AE title (called by senders, calling when it sends)")
+    dicom_allowed_ae_titles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="calling AE titles accepted by the listener; empty: any")
+    dicom_stable_seconds: float = Field(30.0, gt=0, description="a received series is complete after this long "
+                                                                "without a new instance (Orthanc's StableAge)")
+    routes: list[Route] = Field(default_factory=lambda: [Route()], description="JSON list of routing rules for "
+                                "received series; default: CT with at least 20 slices -> default model")
+    delivery_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; doubled each attempt")
+    delivery_retry_max_s: float = Field(300.0, gt=0, description="cap on the delay between two attempts")
+    delivery_give_up_hours: float = Field(72.0, gt=0, description="a delivery still failing after this is failed")
+
     @model_validator(mode="after")
     def _seg_compression_fits_type(self) -> "Settings":
         # BINARY frames are bit-packed: the standard (and highdicom) allow only JPEG 2000 among compressions.
@@ -51,7 +72,30 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("bundle_dirs", "api_keys", mode="before")
+    @model_validator(mode="after")
+    def _nodes_are_consistent(self) -> "Settings":
+        check_unique_names(self.destinations, "destinations")
+        check_unique_names(self.sources, "sources")
+        known = {d.name for d in self.destinations}
+        for name in self.default_destinations:
+            if name not in known:
+                raise ValueError(f"default_destinations names {name!r}, which is not among the destinations "
+                                 f"{sorted(known)} (CTSEG_DESTINATIONS)")
+        for route in self.routes:
+            for name in route.destinations or []:
+                if name not in known:
+                    raise ValueError(f"a route names destination {name!r}, which is not among {sorted(known)}")
+        self.dicom_ae_title = check_ae_title(self.dicom_ae_title)
+        self.dicom_allowed_ae_titles = [check_ae_title(t) for t in self.dicom_allowed_ae_titles]
+        return self
+
+    def destination(self, name: str) -> Node:
+        for node in self.destinations:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    @field_validator("bundle_dirs", "api_keys", "default_destinations", "dicom_allowed_ae_titles", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

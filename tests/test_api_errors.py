@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 from dicom_factory import series_from_image, to_bytes
 from phantoms import make_phantom
 from server.app import create_app
+from server.job_input import Origin, StagedInput
 from server.jobs import JobState, JobStore
+from server.vocabulary import InputKind, OriginKind
 from server.settings import Settings
 from test_api import nifti_bytes, phantom, post
 
@@ -42,7 +44,9 @@ def test_upload_over_the_limit_is_413_before_it_is_stored(intensity_bundle, tmp_
 
 def test_unreadable_nifti_is_422(client):
     r = post(client, [("ct.nii.gz", b"this is not a nifti file")])
-    assert r.status_code == 422 and "ct.nii.gz: not a readable NIfTI file" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "the NIfTI volume: not a readable NIfTI file" in detail
+    assert "ct.nii.gz" not in detail  # client file names (often patient names) stay out of messages
 
 
 def test_non_dicom_file_among_dicom_is_named(client):
@@ -142,16 +146,24 @@ def test_no_patient_identifiers_in_logs_and_inputs_removed(client, caplog):
 def test_restart_marks_interrupted_jobs_failed_and_runs_queued_ones(intensity_bundle, tmp_path):
     storage = tmp_path / "storage"
     store = JobStore(storage)
-    running = store.create("intensity-test", "nifti", {"outputs": ["nifti"]})
-    store.update(running.id, state=JobState.RUNNING)
-    queued = store.create("intensity-test", "nifti", {"outputs": ["nifti"]})
+    upload = Origin(OriginKind.UPLOAD)
+    running = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [], state=JobState.RUNNING)
+    # an upload cut off by the stop: its record says staging and its input is partial
+    cut_off = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [])
+    (store.job_dir(cut_off.id) / "input").mkdir()
+    (store.job_dir(cut_off.id) / "input" / "00000_ct.nii.gz").write_bytes(b"\x1f\x8b partial")
+    queued = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [])
     (store.job_dir(queued.id) / "input").mkdir()
     image, _ = phantom()
     (store.job_dir(queued.id) / "input" / "00000_ct.nii.gz").write_bytes(nifti_bytes(image))
+    store.staged(queued.id, StagedInput(InputKind.NIFTI, ("00000_ct.nii.gz",), None, "the NIfTI volume", upload))
     store.close()
     with make_client(intensity_bundle, tmp_path) as c:
         interrupted = c.get(f"/v1/segmentations/{running.id}").json()
         assert interrupted["state"] == "failed" and "interrupted" in interrupted["error"]
+        partial = c.get(f"/v1/segmentations/{cut_off.id}").json()
+        assert partial["state"] == "failed" and "input was arriving" in partial["error"]
+        assert not (storage / "jobs" / cut_off.id / "input").exists()
         for _ in range(100):
             job = c.get(f"/v1/segmentations/{queued.id}").json()
             if job["state"] == "succeeded":

@@ -66,8 +66,9 @@ def test_enhanced_ct_frames_are_sorted_by_position(image):
 
 def test_header_inspection_matches_full_load(image):
     datasets = series_from_image(image)
-    uid, geometry, _ = inspect_series(blobs(datasets))
-    assert uid == datasets[0].SeriesInstanceUID and geometry == load_series(blobs(datasets)).volume.geometry
+    choice = inspect_series(blobs(datasets))
+    assert choice.series_uid == datasets[0].SeriesInstanceUID
+    assert choice.geometry == load_series(blobs(datasets)).volume.geometry
 
 
 def test_refusals_name_the_problem(image):

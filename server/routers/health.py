@@ -27,4 +27,4 @@ def readyz(service: ServiceDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics")
 def metrics(service: ServiceDep) -> Response:
-    return Response(service.metrics.render(service.store.counts()), media_type="text/plain; version=0.0.4")
+    return Response(service.metrics.render(service.store), media_type="text/plain; version=0.0.4")

@@ -1,30 +1,44 @@
-"""Segmentation jobs: submit a CT, follow the job, fetch the results."""
+"""Segmentation jobs: submit a CT (upload or pull by UID), list and follow jobs, fetch the results."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import SimpleITK as sitk
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from server.deps import AuthDep, ServiceDep
-from server.dicom_input import inspect_series
 from server.errors import InputError
-from server.jobs import JobState
+from server.job_input import Origin
+from server.jobs import Job, JobState
 from server.nifti_io import is_nifti_name
-from server.service import Submission
-from server.uploads import extract_zip
+from server.schemas import ErrorOut, InputErrorOut, JobListOut, JobOut, PullRequest, job_out
+from server.service import JobRequest, SegmentationService
+from server.vocabulary import ErrorKind, OriginKind, Output, parse_outputs
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], dependencies=[AuthDep])
 
 MEDIA = {"labelmap.nii.gz": "application/gzip", "seg.dcm": "application/dicom", "preview.png": "image/png",
          "volumes.json": "application/json"}
-OUTPUT_CHOICES = {"nifti": ["nifti"], "dicom-seg": ["dicom-seg"], "both": ["nifti", "dicom-seg"]}
 CHUNK = 1 << 20
+MAX_FILES = 100_000
+
+SUBMIT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["files"],
+            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                     "description": "one .nii/.nii.gz, or DICOM files, or .zip archive(s)"}}}},
+        "application/json": {"schema": PullRequest.model_json_schema()},
+    },
+}
 
 
 def _safe_name(name: str | None, index: int) -> str:
@@ -32,113 +46,121 @@ def _safe_name(name: str | None, index: int) -> str:
     return f"{index:05d}_" + (re.sub(r"[^A-Za-z0-9._-]", "_", base)[:120] or "file")
 
 
-def _parse_outputs(value: str) -> list[str]:
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    out: list[str] = []
-    for p in parts:
-        if p not in OUTPUT_CHOICES:
-            raise InputError(f"unknown output {p!r}; choose nifti, dicom-seg or both")
-        out += [o for o in OUTPUT_CHOICES[p] if o not in out]
-    if not out:
-        raise InputError("outputs must name at least one of nifti, dicom-seg, both")
-    return out
+def _parse_destinations(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    return () if names == ("none",) else names
 
 
-def _check_nifti_header(path: Path, name: str) -> None:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+def _public(service: SegmentationService, job: Job) -> JobOut:
+    return job_out(job, service.store.deliveries(job.id))
+
+
+async def _receive_upload(service: SegmentationService, request: JobRequest, files: list[UploadFile]) -> Job:
+    if not files:
+        raise InputError("no file uploaded (multipart field 'files')")
+    names = [f.filename or "" for f in files]
+    if any(is_nifti_name(n) for n in names) and Output.DICOM_SEG in request.outputs:
+        raise InputError("dicom-seg needs DICOM input: a NIfTI file carries no source instances for a SEG to "
+                         "reference; ask for outputs=nifti or send the DICOM series")
+    job = service.open_job(request)
+    inbox = service.input_dir(job.id)
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise InputError(f"{name}: not a readable NIfTI file") from None
-    size = reader.GetSize()
-    if len(size) not in (3, 4) or (len(size) == 4 and size[3] != 1):
-        raise InputError(f"{name}: expected a 3D volume; got size {size}")
-    if reader.GetNumberOfComponents() != 1:
-        raise InputError(f"{name}: expected grey-scale CT (one value per voxel)")
+        for i, upload in enumerate(files):
+            with open(inbox / _safe_name(upload.filename, i), "wb") as out:
+                while chunk := await upload.read(CHUNK):
+                    out.write(chunk)
+        return await run_in_threadpool(service.stage_and_enqueue, job)
+    except BaseException:
+        service.discard(job.id)
+        raise
 
 
 @router.post(
     "",
     status_code=202,
-    summary="Segment a CT (NIfTI file, DICOM files, or a zip of a series/study)",
+    response_model=JobOut,
+    summary="Segment a CT: upload it (NIfTI, DICOM files, zip) or pull a series by UID from a configured source",
+    openapi_extra={"requestBody": SUBMIT_BODY},
     responses={
-        200: {"description": "finished (wait=true)"},
-        202: {"description": "accepted; follow the Location header",
-              "content": {"application/json": {"example": {"id": "3f2c...", "state": "queued"}}}},
-        404: {"description": "unknown model"},
-        413: {"description": "upload over the size limit"},
-        422: {"description": "unreadable input, several candidate series, NIfTI with dicom-seg, ..."},
+        200: {"model": JobOut, "description": "finished (wait=true)"},
+        202: {"model": JobOut, "description": "accepted; follow the Location header"},
+        404: {"model": ErrorOut, "description": "unknown model or source, or the series is not on the source"},
+        413: {"model": ErrorOut, "description": "upload over the size limit"},
+        422: {"model": InputErrorOut, "description": "unreadable input, several candidate series, NIfTI with "
+                                                      "dicom-seg, unknown destination, ..."},
+        500: {"model": JobOut, "description": "the job failed inside the service (wait=true)"},
+        502: {"model": ErrorOut, "description": "the source cannot be reached or failed"},
+        503: {"model": ErrorOut, "description": "queue full or no worker; retry after Retry-After"},
     },
 )
 async def submit(
     request: Request,
     service: ServiceDep,
-    files: Annotated[list[UploadFile], File(description="one .nii/.nii.gz, or DICOM files, or .zip archive(s)")],
     model: Annotated[str | None, Query(description="bundle name; default: the service's default model")] = None,
     outputs: Annotated[str, Query(description="nifti, dicom-seg or both", examples=["both"])] = "nifti",
     series_uid: Annotated[str | None, Query(description="SeriesInstanceUID to segment when several are sent")] = None,
+    destinations: Annotated[str | None, Query(description="destination names for the SEG, comma separated, or "
+                                                          "'none'; default: CTSEG_DEFAULT_DESTINATIONS")] = None,
     wait: Annotated[bool, Query(description="answer when done (up to the sync timeout) instead of 202")] = False,
 ) -> Response:
-    engine = service.engine(model)
-    wanted = _parse_outputs(outputs)
-    names = [f.filename or "" for f in files]
-    if not files:
-        raise InputError("no file uploaded (multipart field 'files')")
-    nifti = [n for n in names if is_nifti_name(n)]
-    if nifti and len(files) > 1:
-        raise InputError("send one NIfTI file per request (or DICOM files / zips, not both)")
-    kind = "nifti" if nifti else "dicom"
-    if kind == "nifti" and "dicom-seg" in wanted:
-        raise InputError("dicom-seg needs DICOM input: a NIfTI file carries no source instances for a SEG to "
-                         "reference; ask for outputs=nifti or send the DICOM series")
-    job = service.create_job(Submission(engine.bundle.name, kind, wanted, series_uid))
-    inbox = service.store.job_dir(job.id) / "input"
-    inbox.mkdir()
-    try:
-        for i, upload in enumerate(files):
-            target = inbox / _safe_name(upload.filename, i)
-            with open(target, "wb") as out:
-                while chunk := await upload.read(CHUNK):
-                    out.write(chunk)
-        if kind == "nifti":
-            await run_in_threadpool(_check_nifti_header, next(inbox.iterdir()), names[0])
-        else:
-            for path in [p for p in inbox.iterdir() if p.suffix.lower() == ".zip"]:
-                unpacked = inbox / (path.stem + "_unzipped")
-                unpacked.mkdir()
-                await run_in_threadpool(extract_zip, path, unpacked, service.settings.max_upload_mb * 2**20 * 4)
-                path.unlink()
-            paths = [p for p in inbox.rglob("*") if p.is_file()]
-            await run_in_threadpool(inspect_series, [(p.name, p) for p in paths], series_uid, {engine.bundle.modality})
-    except BaseException:
-        service.store.delete(job.id)
-        raise
-    service.enqueue(job)
+    job_request = JobRequest(model, parse_outputs(outputs), series_uid, Origin(OriginKind.UPLOAD),
+                             _parse_destinations(destinations))
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        try:
+            pull = PullRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+            raise InputError(f"pull request body: {problems}") from None
+        job_request = replace(job_request, series_uid=pull.series_uid, origin=Origin(OriginKind.PULL, source=pull.source))
+        job = await run_in_threadpool(service.pull, job_request, pull.source, pull.study_uid, pull.series_uid)
+    else:
+        async with request.form(max_files=MAX_FILES, max_fields=100) as form:
+            files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+            job = await _receive_upload(service, job_request, files)
     location = f"/v1/segmentations/{job.id}"
     if wait:
         done = await run_in_threadpool(service.wait, job.id, service.settings.sync_timeout_s)
         job = service.get(job.id)
-        if done and job.state == JobState.FAILED and job.error_kind == "input":
-            return JSONResponse({"detail": job.error, "job": job.to_public()}, status_code=422)
+        if done and job.state == JobState.FAILED and job.error_kind == ErrorKind.INPUT:
+            body = InputErrorOut(detail=job.error or "input refused", job=_public(service, job))
+            return JSONResponse(body.model_dump(mode="json"), status_code=422)
         if done and job.state.finished:
             code = 200 if job.state == JobState.SUCCEEDED else 500
-            return JSONResponse(job.to_public(), status_code=code, headers={"Location": location})
-    return JSONResponse(service.get(job.id).to_public(), status_code=202, headers={"Location": location})
+            return JSONResponse(_public(service, job).model_dump(mode="json"), status_code=code,
+                                headers={"Location": location})
+    return JSONResponse(_public(service, service.get(job.id)).model_dump(mode="json"), status_code=202,
+                        headers={"Location": location})
 
 
-@router.get("/{job_id}", summary="Job state, progress, timings and errors")
-def status(job_id: str, service: ServiceDep) -> dict:
-    return service.get(job_id).to_public()
+@router.get("", response_model=JobListOut, summary="Jobs, newest first (whatever brought their input)")
+def list_jobs(
+    service: ServiceDep,
+    state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[float | None, Query(description="only jobs created before this Unix time (paging)")] = None,
+) -> JobListOut:
+    jobs = service.store.list(limit, state, before)
+    return JobListOut(jobs=[_public(service, j) for j in jobs],
+                      next_before=jobs[-1].created if len(jobs) == limit else None)
 
 
-@router.delete("/{job_id}", status_code=204, summary="Cancel a job and remove its files")
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}},
+            summary="Job state, input, progress, timings, errors and deliveries")
+def status(job_id: str, service: ServiceDep) -> JobOut:
+    return _public(service, service.get(job_id))
+
+
+@router.delete("/{job_id}", status_code=204, responses={404: {"model": ErrorOut}},
+               summary="Cancel a job and remove its files (and its pending deliveries)")
 def delete(job_id: str, service: ServiceDep) -> Response:
     service.cancel(job_id)
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/{name}", summary="A result: labelmap.nii.gz, seg.dcm, preview.png or volumes.json")
+@router.get("/{job_id}/{name}", response_class=FileResponse, responses={404: {"model": ErrorOut}},
+            summary="A result: labelmap.nii.gz, seg.dcm, preview.png or volumes.json")
 def result(job_id: str, name: str, service: ServiceDep) -> FileResponse:
     path = service.result_path(job_id, name)
     return FileResponse(path, media_type=MEDIA[name], filename=name if name != "preview.png" else None)

@@ -1,0 +1,74 @@
+"""One way in for every job: files on disk -> a checked :class:`StagedInput`.
+
+The REST upload, the DICOM listener and pull-by-UID each put their files in the job's ``input`` folder and call
+:func:`stage`; ``ctseg predict`` calls :func:`select_input` on the user's files. Here, and only here, the input's
+kind is decided, zips are unpacked, the series is chosen (by UID or as the one series the model can take) and
+checked from its headers, and files of other series are removed, so the worker reads exactly what was chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.dicom_input import inspect_series
+from server.errors import InputError
+from server.job_input import Origin, StagedInput
+from server.nifti_io import check_nifti_header, is_nifti_name
+from server.uploads import extract_zip
+from server.vocabulary import InputKind
+
+NIFTI_DISPLAY_NAME = "the NIfTI volume"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What an input is, decided once."""
+
+    kind: InputKind
+    files: list[Path]
+    series_uid: str | None
+    display_name: str
+    notes: list[str]
+
+
+def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]) -> Selection:
+    """Decide the kind of ``paths`` (no zips among them) and, for DICOM, choose and check the series."""
+    if not paths:
+        raise InputError("no file in the input")
+    nifti = [p for p in paths if is_nifti_name(p.name)]
+    if nifti:
+        if len(paths) > 1:
+            raise InputError("send one NIfTI file per request (or DICOM files / zips, not both)")
+        check_nifti_header(paths[0], NIFTI_DISPLAY_NAME)
+        if series_uid:
+            raise InputError("series_uid applies to DICOM input; a NIfTI file holds one volume")
+        return Selection(InputKind.NIFTI, paths, None, NIFTI_DISPLAY_NAME, [])
+    choice = inspect_series([(p.name, p) for p in paths], series_uid, modalities)
+    chosen = [Path(f) for f in choice.files]
+    return Selection(InputKind.DICOM, chosen, choice.series_uid,
+                     f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices",
+                     [])  # the series' own notes come with it when the worker reads it
+
+
+def unpack_zips(inbox: Path, max_unpacked_bytes: int) -> None:
+    for path in sorted(p for p in inbox.rglob("*") if p.is_file() and p.suffix.lower() == ".zip"):
+        target = path.with_name(path.stem + "_unzipped")
+        target.mkdir()
+        extract_zip(path, target, max_unpacked_bytes)
+        path.unlink()
+
+
+def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[str],
+          max_unpacked_bytes: int) -> StagedInput:
+    """Check the files in a job's ``inbox`` and keep only what the job will read."""
+    unpack_zips(inbox, max_unpacked_bytes)
+    paths = sorted(p for p in inbox.rglob("*") if p.is_file())
+    selection = select_input(paths, series_uid, modalities)
+    keep = {p.resolve() for p in selection.files}
+    for path in paths:
+        if path.resolve() not in keep:
+            path.unlink()  # other series, non-image objects: the worker never sees them
+    files = tuple(str(p.resolve().relative_to(inbox.resolve())) for p in selection.files)
+    return StagedInput(selection.kind, files, selection.series_uid, selection.display_name, origin,
+                       tuple(selection.notes))
