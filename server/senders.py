@@ -53,7 +53,10 @@ def dicomweb_client(node: DicomWebNode) -> DICOMwebClient:
     if node.username is not None and node.password is not None:
         session.auth = (node.username, node.password.get_secret_value())
     headers = {"Authorization": f"Bearer {node.token.get_secret_value()}"} if node.token is not None else None
-    return DICOMwebClient(node.url, session=session, headers=headers, timeout=node.timeout_s)
+    client = DICOMwebClient(node.url, session=session, headers=headers, timeout=node.timeout_s)
+    # dicomweb-client retries inside one call (with sleeps of its own): the outbox decides when to try again.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _http_error(node: Node, err: requests.HTTPError) -> DeliveryError:
