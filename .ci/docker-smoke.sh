@@ -19,10 +19,14 @@ if [ -x "$ENGINE" ]; then
 fi
 COMPOSE="docker-compose"
 command -v docker-compose >/dev/null || COMPOSE="docker compose"
-PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export CTSEG_HTTP_PORT=$PORT CTSEG_BIND=127.0.0.1 CTSEG_IMAGE=ctseg:ci
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+ORTHANC_PORT=$(free_port)
+export CTSEG_HTTP_PORT=$PORT CTSEG_BIND=127.0.0.1 CTSEG_IMAGE=ctseg:ci CTSEG_ORTHANC_IMAGE=ctseg-orthanc:ci
+export CTSEG_DICOM_HOST_PORT=$(free_port) CTSEG_ORTHANC_HTTP_PORT=$ORTHANC_PORT CTSEG_ORTHANC_DICOM_PORT=$(free_port)
+export CTSEG_DICOM_STABLE_SECONDS=3
 PROJECT="ctsegci$$"
-cleanup() { $COMPOSE -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1; }
+cleanup() { $COMPOSE -p "$PROJECT" --profile pacs down -v --remove-orphans >/dev/null 2>&1; }
 trap cleanup EXIT
 
 start=$(date +%s)
@@ -48,4 +52,15 @@ user=$(docker exec "$cid" id -un)
 docker exec "$cid" python3 -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('torch') else 0)" \
   || { log "FAILED: torch is installed in the serving image"; exit 1; }
 log "container health: $health; user: $user; no torch in the image"
+
+# The PACS pair (--profile pacs): Orthanc forwards a study to ctseg, the SEG comes back into the same study.
+$COMPOSE -p "$PROJECT" --profile pacs build orthanc >/tmp/ctseg-docker-build-orthanc.log 2>&1 \
+  || { log "FAILED: Orthanc image build"; tail -40 /tmp/ctseg-docker-build-orthanc.log; exit 1; }
+$COMPOSE -p "$PROJECT" --profile pacs up -d || { log "FAILED: compose --profile pacs up"; exit 1; }
+for _ in $(seq 60); do
+  curl -fsS "http://127.0.0.1:$ORTHANC_PORT/system" >/dev/null 2>&1 && break
+  sleep 1
+done
+$PY .ci/docker_smoke_pacs.py "http://127.0.0.1:$ORTHANC_PORT" \
+  || { log "FAILED: PACS round trip"; $COMPOSE -p "$PROJECT" --profile pacs logs | tail -60; exit 1; }
 log "passed in $(( $(date +%s) - start )) s"

@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
-# System tools the tests check against where present (DICOM validators). Best effort: a test that needs a
-# missing tool skips and says so; CI installs them so the checks run there. (Orthanc comes with the PACS
-# integration tests; Debian's package would start a server listening on every interface.)
+# System tools the tests run against: Orthanc with its DICOMweb plugin (a real PACS), dcmtk (storescu, echoscu),
+# dicom3tools (dciodvfy). Under CI=true a tool that cannot be installed fails the run here, and a test that
+# finds one missing fails too (tests/pacs.py: require_tool): CI is never green without the real peers.
+# Debian's orthanc package would start a server listening on every interface: policy-rc.d keeps it stopped; the
+# tests start their own Orthanc on loopback ports with RemoteAccessAllowed false.
 set -uo pipefail
 need=()
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v storescu >/dev/null || need+=(dcmtk)
-if ((${#need[@]})) && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "ci: installing ${need[*]}"
-  apt-get update -qq >/dev/null 2>&1 || true
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
-    || echo "ci: could not install ${need[*]}; the tests that need them will skip"
+command -v Orthanc >/dev/null || need+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+if ((${#need[@]})); then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "ci: installing ${need[*]}"
+    created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && created_policy=1
+    fi
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/tmp/ctseg-apt.log 2>&1
+    rc=$?
+    ((created_policy)) && rm -f /usr/sbin/policy-rc.d
+    if ((rc)); then
+      echo "ci: could not install ${need[*]} (see /tmp/ctseg-apt.log)"
+      [ "${CI:-}" = true ] && exit 1
+    fi
+    # Never leave a system-wide Orthanc running (the package's service, if anything started it).
+    pkill -x Orthanc 2>/dev/null || true
+  else
+    echo "ci: missing ${need[*]} and no apt-get as root to install them"
+    [ "${CI:-}" = true ] && exit 1
+  fi
 fi
 exit 0

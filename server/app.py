@@ -22,8 +22,14 @@ from server.uploads import BodySizeLimit
 log = logging.getLogger(__name__)
 
 
+# Client libraries that log a line per request at INFO, naming study and series UIDs: warnings only.
+QUIET_LOGGERS = ("dicomweb_client", "pynetdicom", "highdicom")
+
+
 def create_app(settings: Settings | None = None, service: SegmentationService | None = None) -> FastAPI:
     settings = settings or Settings()
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,7 +1,7 @@
 """The DICOM-SEG against independent tools: dciodvfy (dicom3tools) and dcmqi's segimage2itkimage.
 
 Both are installed by .ci/run (Debian's dicom3tools, PyPI's dcmqi); where one is missing its test skips and
-says which tool it needs.
+says which tool it needs, except under CI=true, where it fails.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from dicom_factory import series_from_image, to_bytes
 from server.app import create_app
 from server.settings import Settings
+from pacs import require_tool
 from test_api import phantom, post, read_labelmap
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -42,11 +43,11 @@ def make_seg(bundle: Path, storage: Path, orientation: str, **settings) -> tuple
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    tool = require_tool(DCIODVFY, "dciodvfy (Debian package dicom3tools)")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
-@pytest.mark.skipif(DCIODVFY is None, reason="needs dciodvfy (Debian package dicom3tools)")
 @pytest.mark.parametrize("seg_type, compression", [("BINARY", "none"), ("BINARY", "jpeg2000"), ("LABELMAP", "none"), ("LABELMAP", "rle")])
 def test_dciodvfy_reports_no_errors(intensity_bundle, tmp_path, seg_type, compression):
     data, _ = make_seg(intensity_bundle, tmp_path / "s", "oblique", seg_type=seg_type, seg_compression=compression)
@@ -58,9 +59,9 @@ def test_dciodvfy_reports_no_errors(intensity_bundle, tmp_path, seg_type, compre
     assert errors == []
 
 
-@pytest.mark.skipif(SEGIMAGE2ITK is None, reason="needs segimage2itkimage (PyPI package dcmqi)")
 @pytest.mark.parametrize("orientation, compression", [("axial", "none"), ("sagittal", "none"), ("oblique", "jpeg2000")])
 def test_dcmqi_reads_back_the_same_voxels(intensity_bundle, tmp_path, orientation, compression):
+    segimage2itk = require_tool(SEGIMAGE2ITK, "segimage2itkimage (PyPI package dcmqi)")
     data, labelmap = make_seg(intensity_bundle, tmp_path / "s", orientation, seg_compression=compression)
     ds = pydicom.dcmread(io.BytesIO(data))
     if ds.file_meta.TransferSyntaxUID.is_compressed:
@@ -74,7 +75,7 @@ def test_dcmqi_reads_back_the_same_voxels(intensity_bundle, tmp_path, orientatio
     ds.save_as(seg_path, enforce_file_format=True)
     out = tmp_path / "dcmqi"
     out.mkdir()
-    proc = subprocess.run([SEGIMAGE2ITK, "--inputDICOM", str(seg_path), "--outputDirectory", str(out),
+    proc = subprocess.run([segimage2itk, "--inputDICOM", str(seg_path), "--outputDirectory", str(out),
                            "--outputType", "nifti"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     ours = sitk.GetArrayFromImage(labelmap)
