@@ -19,6 +19,13 @@ def main(orthanc: str, timeout_s: float = 180.0) -> int:
     datasets = series_from_image(image)
     study_uid = datasets[0].StudyInstanceUID
     with httpx.Client(base_url=orthanc, timeout=120) as client:
+        for _ in range(60):  # the published port accepts connections before Orthanc inside answers them
+            try:
+                if client.get("/system").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
         for ds in datasets:
             client.post("/instances", content=to_bytes(ds)).raise_for_status()
         study = next(i["ID"] for i in client.post("/tools/lookup", content=study_uid).json() if i["Type"] == "Study")
@@ -29,7 +36,12 @@ def main(orthanc: str, timeout_s: float = 180.0) -> int:
             return 1
         sent = time.monotonic()
         while time.monotonic() - sent < timeout_s:
-            found = client.get(f"/dicom-web/studies/{study_uid}/series", params={"Modality": "SEG"})
+            try:  # a fresh connection each time: Orthanc drops idle keep-alive connections
+                found = httpx.get(f"{orthanc}/dicom-web/studies/{study_uid}/series", params={"Modality": "SEG"},
+                                  timeout=30)
+            except httpx.TransportError:
+                time.sleep(1)
+                continue
             if found.status_code == 200 and found.content and found.json():
                 print(f"docker-smoke: SEG in Orthanc's study {time.monotonic() - sent:.1f} s after the forward "
                       f"(forward took {sent - start:.1f} s; includes ctseg's quiet period)")

@@ -1,9 +1,15 @@
-"""Segment labels with the coded concepts DICOM-SEG needs (SNOMED CT via DICOM's CID 7150/7151 vocabularies)."""
+"""Segment labels with the coded concepts DICOM-SEG needs (SNOMED CT via DICOM's CID 7150/7151 vocabularies).
+
+Codes come from pydicom's coded concepts (``pydicom.sr.codedict.codes``, generated from the DICOM standard), never
+typed by hand: a typo or a retired code cannot reach a SEG. tests/test_labels.py checks every built-in label.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pydicom.sr.codedict import codes
 
 
 @dataclass(frozen=True)
@@ -19,9 +25,16 @@ class Code:
             raise ValueError(f"a code needs value, scheme and meaning; got {self}")
 
 
-ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
-RIGHT = Code("24028007", "SCT", "Right")
-LEFT = Code("7771000", "SCT", "Left")
+def _code(concept: Any) -> Code:
+    return Code(concept.value, concept.scheme_designator, concept.meaning)
+
+
+# CID 7150 (Segmentation Property Categories)
+ANATOMICAL_STRUCTURE = _code(codes.cid7150.AnatomicalStructure)
+ALTERED_STRUCTURE = _code(codes.cid7150.MorphologicallyAbnormalStructure)
+# CID 244 (Laterality)
+RIGHT = _code(codes.cid244.Right)
+LEFT = _code(codes.cid244.Left)
 
 
 @dataclass(frozen=True)
@@ -58,30 +71,32 @@ class Label:
         )
 
 
-# name -> (type code, modifier, colour). Colours follow 3D Slicer's GenericAnatomyColors where it has one.
+# name -> (type code from CID 7151/7166, modifier, colour). Colours follow 3D Slicer's GenericAnatomyColors.
 KNOWN_STRUCTURES: dict[str, tuple[Code, Code | None, tuple[int, int, int]]] = {
-    "spleen": (Code("78961009", "SCT", "Spleen"), None, (157, 108, 162)),
-    "kidney_right": (Code("64033007", "SCT", "Kidney"), RIGHT, (185, 102, 83)),
-    "kidney_left": (Code("64033007", "SCT", "Kidney"), LEFT, (185, 102, 83)),
-    "gallbladder": (Code("28231008", "SCT", "Gallbladder"), None, (139, 150, 98)),
-    "liver": (Code("10200004", "SCT", "Liver"), None, (221, 130, 101)),
-    "stomach": (Code("69695003", "SCT", "Stomach"), None, (216, 132, 105)),
-    "pancreas": (Code("15776009", "SCT", "Pancreas"), None, (249, 180, 111)),
-    "adrenal_gland_right": (Code("23451007", "SCT", "Adrenal gland"), RIGHT, (244, 186, 150)),
-    "adrenal_gland_left": (Code("23451007", "SCT", "Adrenal gland"), LEFT, (244, 186, 150)),
-    "aorta": (Code("15825003", "SCT", "Aorta"), None, (224, 97, 76)),
-    "inferior_vena_cava": (Code("64131007", "SCT", "Inferior vena cava"), None, (0, 151, 206)),
-    "portal_vein_and_splenic_vein": (Code("32764006", "SCT", "Portal vein"), None, (0, 112, 165)),
-    "esophagus": (Code("32849002", "SCT", "Esophagus"), None, (211, 171, 143)),
-    "duodenum": (Code("38848004", "SCT", "Duodenum"), None, (255, 253, 229)),
-    "small_bowel": (Code("30315005", "SCT", "Small intestine"), None, (205, 167, 142)),
-    "colon": (Code("71854001", "SCT", "Colon"), None, (204, 168, 143)),
-    "urinary_bladder": (Code("89837001", "SCT", "Urinary bladder"), None, (222, 154, 132)),
-    "heart": (Code("80891009", "SCT", "Heart"), None, (206, 110, 84)),
-    "lung": (Code("39607008", "SCT", "Lung"), None, (197, 165, 145)),
-    "vertebrae": (Code("51282000", "SCT", "Vertebral column"), None, (241, 214, 145)),
-    "tumor": (Code("108369006", "SCT", "Neoplasm"), None, (255, 0, 0)),
+    "spleen": (_code(codes.SCT.Spleen), None, (157, 108, 162)),
+    "kidney_right": (_code(codes.SCT.Kidney), RIGHT, (185, 102, 83)),
+    "kidney_left": (_code(codes.SCT.Kidney), LEFT, (185, 102, 83)),
+    "gallbladder": (_code(codes.SCT.Gallbladder), None, (139, 150, 98)),
+    "liver": (_code(codes.SCT.Liver), None, (221, 130, 101)),
+    "stomach": (_code(codes.SCT.Stomach), None, (216, 132, 105)),
+    "pancreas": (_code(codes.SCT.Pancreas), None, (249, 180, 111)),
+    "adrenal_gland_right": (_code(codes.SCT.AdrenalGland), RIGHT, (244, 186, 150)),
+    "adrenal_gland_left": (_code(codes.SCT.AdrenalGland), LEFT, (244, 186, 150)),
+    "aorta": (_code(codes.SCT.Aorta), None, (224, 97, 76)),
+    "inferior_vena_cava": (_code(codes.SCT.InferiorVenaCava), None, (0, 151, 206)),
+    "portal_vein_and_splenic_vein": (_code(codes.SCT.PortalVein), None, (0, 112, 165)),
+    "esophagus": (_code(codes.SCT.Esophagus), None, (211, 171, 143)),
+    "duodenum": (_code(codes.SCT.Duodenum), None, (255, 253, 229)),
+    "small_bowel": (_code(codes.SCT.SmallIntestine), None, (205, 167, 142)),
+    "colon": (_code(codes.SCT.Colon), None, (204, 168, 143)),
+    "urinary_bladder": (_code(codes.SCT.Bladder), None, (222, 154, 132)),
+    "heart": (_code(codes.SCT.Heart), None, (206, 110, 84)),
+    "lung": (_code(codes.SCT.Lung), None, (197, 165, 145)),
+    "vertebrae": (_code(codes.SCT.Spine), None, (241, 214, 145)),  # all vertebrae as one label: the spine
+    "tumor": (_code(codes.SCT.Neoplasm), None, (255, 0, 0)),
 }
+# Structures that are not normal anatomy take CID 7150's "Morphologically Abnormal Structure".
+ALTERED = {"tumor"}
 
 
 def label_for(value: int, name: str, overrides: dict[str, Any] | None = None) -> Label:
@@ -91,7 +106,8 @@ def label_for(value: int, name: str, overrides: dict[str, Any] | None = None) ->
     type_code = Code(**overrides["type"]) if "type" in overrides else (known[0] if known else None)
     modifier = Code(**overrides["modifier"]) if "modifier" in overrides else (known[1] if known else None)
     color = tuple(overrides.get("color", known[2] if known else _fallback_color(value)))
-    category = Code(**overrides["category"]) if "category" in overrides else ANATOMICAL_STRUCTURE
+    category = (Code(**overrides["category"]) if "category" in overrides
+                else ALTERED_STRUCTURE if name in ALTERED else ANATOMICAL_STRUCTURE)
     if type_code is None:
         raise ValueError(
             f"no SNOMED CT type code is known for {name!r}; give one in the config as "

@@ -8,11 +8,13 @@ through pydicom's pylibjpeg plugins; Enhanced (multi-frame) CT is read frame by 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -81,12 +83,22 @@ def read_datasets(blobs: Iterable[tuple[str, object]], headers_only: bool = Fals
             continue
         if headers_only and "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
             continue  # DICOMDIR, SR, presentation states: not image slices; ignored
+        _repair_sop_class(ds)
         datasets.append(ds)
     if bad:
         raise InputError(f"{len(bad)} file(s) are not DICOM: {', '.join(bad[:10])}", {"files": bad[:50]})
     if not datasets:
         raise InputError("no DICOM image found in the upload")
     return datasets
+
+
+def _repair_sop_class(ds: Dataset) -> None:
+    """Anonymisers blank SOPClassUID and leave the file meta intact: take MediaStorageSOPClassUID (a SEG must
+    reference each source by its class)."""
+    meta = getattr(ds, "file_meta", None)
+    media_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "").strip() if meta is not None else ""
+    if not _uid(ds, "SOPClassUID") and media_class:
+        ds.SOPClassUID = media_class
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -319,20 +331,39 @@ def build_series(uid: str, items: list[Dataset]) -> DicomSeries:
     return series
 
 
+def content_digest(ds: Dataset) -> str:
+    """What an instance is, as a hash: its file's bytes (read from disk), else its pixel data and header. Two
+    different inputs never share it (unlike blank PatientIDs, slice counts or positions); the same input always
+    has it."""
+    h = hashlib.sha256()
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, str) and filename and Path(filename).is_file():
+        with open(filename, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    if "PixelData" in ds:
+        h.update(bytes(ds.PixelData))
+    h.update(repr(sorted((str(e.tag), str(e.value)[:256]) for e in ds if e.tag != 0x7FE00010)).encode())
+    return h.hexdigest()
+
+
 def fill_missing_uids(datasets: list[Dataset]) -> list[str]:
-    """Anonymised files without UIDs get consistent, deterministic ones; returns what was generated."""
+    """Anonymised files without UIDs get UIDs derived from their content: the same input always gets the same
+    UIDs, two different inputs never share them. Returns what was generated."""
     generated: list[str] = []
-    seed = [str(getattr(datasets[0], "PatientID", "") or ""), str(len(datasets))]
+    digests = {id(ds): content_digest(ds) for ds in datasets}
+    seed = ["ctseg-anonymous", *sorted(digests.values())]
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if any(not _uid(ds, keyword) for ds in datasets):
-            value = generate_uid(entropy_srcs=seed + [keyword] + sorted(str(getattr(d, "ImagePositionPatient", "")) for d in datasets))
+            value = generate_uid(entropy_srcs=[*seed, keyword])
             for ds in datasets:
                 if not _uid(ds, keyword):
                     setattr(ds, keyword, value)
             generated.append(keyword)
     missing_sop = [ds for ds in datasets if not _uid(ds, "SOPInstanceUID")]
     for ds in missing_sop:
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=seed + [str(getattr(ds, "ImagePositionPatient", "")), str(getattr(ds, "InstanceNumber", ""))])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["ctseg-anonymous-instance", digests[id(ds)]])
         if hasattr(ds, "file_meta"):
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if missing_sop:

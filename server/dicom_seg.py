@@ -2,18 +2,26 @@
 
 BINARY by default (the most viewers read it); LABELMAP (Supplement 243) as an option. Segment descriptions
 carry name, SNOMED CT category/type (and laterality modifier), recommended display colour and the algorithm
-(bundle name and version). Series UID, number and description are deterministic for a given source series
-and bundle, so re-running a study does not scatter new series across the PACS.
+(bundle name and version).
+
+Identifiers: the SEG's Series and SOP Instance UIDs and each segment's Tracking UID are derived (pydicom's
+``generate_uid`` with entropy sources, a SHA-512 hash under ctseg's UID root) from the *result*: the job's id,
+the source series, the bundle, the SOP class and the SEG options. So two results never share a UID (a BINARY and
+a LABELMAP SEG of one series differ, as do two jobs on the same series), while one result keeps its UIDs across
+delivery retries, which makes a resend replace the instance in a PACS rather than add one.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import uuid
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
+from pynetdicom.sop_class import LabelMapSegmentationStorage, SegmentationStorage
 from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -34,6 +42,35 @@ log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAX = {"none": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless,
                    "jpegls": JPEGLSLossless}
+SOP_CLASS = {"BINARY": SegmentationStorage, "LABELMAP": LabelMapSegmentationStorage}
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How the SEG is written (settings ``seg_type``, ``seg_keep_empty_frames``, ``seg_compression``)."""
+
+    seg_type: str = "BINARY"
+    keep_empty_frames: bool = False
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.seg_type not in SOP_CLASS:
+            raise ValueError(f"seg_type must be one of {sorted(SOP_CLASS)}; got {self.seg_type!r}")
+        if self.compression not in TRANSFER_SYNTAX:
+            raise ValueError(f"compression must be one of {sorted(TRANSFER_SYNTAX)}; got {self.compression!r}")
+
+
+@dataclass(frozen=True)
+class SegIdentity:
+    """The UIDs, number and description of one SEG result (see the module docstring for the derivation)."""
+
+    series_uid: str
+    sop_instance_uid: str
+    series_number: int
+    description: str
+
+    def tracking_uid(self, label: Label) -> str:
+        return generate_uid(entropy_srcs=[self.sop_instance_uid, "tracking", str(label.value), label.name])
 
 
 def _code(code) -> hd.sr.CodedConcept:  # type: ignore[no-untyped-def]
@@ -52,7 +89,8 @@ def _rgb_to_lab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
                                 float(np.clip(lab[2], -128, 127)))
 
 
-def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdentificationSequence,
+                        identity: SegIdentity) -> hd.seg.SegmentDescription:
     regions = None
     desc = hd.seg.SegmentDescription(
         segment_number=number,
@@ -61,7 +99,7 @@ def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdenti
         segmented_property_type=_code(label.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        tracking_uid=generate_uid(entropy_srcs=[algorithm[0].AlgorithmName, label.name]),
+        tracking_uid=identity.tracking_uid(label),
         tracking_id=label.name[:64],
         anatomic_regions=regions,
         display_color=_rgb_to_lab(label.color),
@@ -75,21 +113,26 @@ def segment_description(number: int, label: Label, algorithm: hd.AlgorithmIdenti
     return desc
 
 
-def seg_series_identity(series: DicomSeries, bundle: Bundle) -> tuple[str, int, str]:
-    uid = generate_uid(entropy_srcs=[series.series_uid, bundle.name, bundle.version, "ctseg-seg"])
+def seg_identity(series: DicomSeries, bundle: Bundle, options: SegOptions, result_id: str) -> SegIdentity:
+    base = [result_id, series.series_uid, bundle.name, bundle.version, SOP_CLASS[options.seg_type],
+            options.compression, str(options.keep_empty_frames)]
     source_number = getattr(series.datasets[0], "SeriesNumber", None)
     number = (int(source_number) if source_number not in (None, "") else 0) % 1000 + 9000
-    description = f"ctseg {bundle.name} {bundle.version}"[:64]
-    return uid, number, description
+    return SegIdentity(generate_uid(entropy_srcs=[*base, "series"]), generate_uid(entropy_srcs=[*base, "instance"]),
+                       number, f"ctseg {bundle.name} {bundle.version}"[:64])
 
 
 def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type: str = "BINARY",
-              keep_empty_frames: bool = False, compression: str = "none", fast_binary: bool = True) -> bytes:
-    """``labels`` [D, H, W] on the series grid (slice order of ``series``) -> DICOM-SEG bytes."""
+              keep_empty_frames: bool = False, compression: str = "none", fast_binary: bool = True,
+              result_id: str | None = None) -> bytes:
+    """``labels`` [D, H, W] on the series grid (slice order of ``series``) -> DICOM-SEG bytes. ``result_id``
+    (the job's id) seeds the SEG's UIDs; without one they are random."""
     if labels.shape != series.volume.shape:
         raise ValueError(f"label map {labels.shape} is not on the series grid {series.volume.shape}")
     if compression not in TRANSFER_SYNTAX:
         raise InputError(f"unknown SEG compression {compression!r}; use one of {sorted(TRANSFER_SYNTAX)}")
+    options = SegOptions(seg_type, keep_empty_frames, compression)
+    identity = seg_identity(series, bundle, options, result_id or uuid.uuid4().hex)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=bundle.name[:64], family=codes.cid7162.ArtificialIntelligence, version=bundle.version[:64],
     )
@@ -97,8 +140,7 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
     present = np.flatnonzero(counts[:, 1:].sum(axis=0)) + 1
     by_value = {label.value: label for label in bundle.labels}
     # Every label of the model is described, found or not, so a viewer shows the same legend for every study.
-    descriptions = [segment_description(v, by_value[v], algorithm) for v in sorted(by_value)]
-    uid, number, description = seg_series_identity(series, bundle)
+    descriptions = [segment_description(v, by_value[v], algorithm, identity) for v in sorted(by_value)]
     pixel_dtype = np.uint16 if len(by_value) > 255 else np.uint8
 
     def segmentation(sources: list, pixel: np.ndarray) -> hd.seg.Segmentation:
@@ -107,9 +149,9 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
             pixel_array=pixel.astype(pixel_dtype, copy=False),
             segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
             segment_descriptions=descriptions,
-            series_instance_uid=uid,
-            series_number=number,
-            sop_instance_uid=generate_uid(entropy_srcs=[uid, "instance"]),
+            series_instance_uid=identity.series_uid,
+            series_number=identity.series_number,
+            sop_instance_uid=identity.sop_instance_uid,
             instance_number=1,
             manufacturer="ctseg",
             manufacturer_model_name=bundle.name[:64],
@@ -121,7 +163,7 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
             content_description=f"Automatic segmentation, {len(present)} structures found"[:64],
             content_creator_name="ctseg^automatic",
         )
-        seg.SeriesDescription = description
+        seg.SeriesDescription = identity.description
         return seg
 
     if series.multiframe:

@@ -86,7 +86,7 @@ class JobExecutor:
         result = run_pipeline(
             engine, staged.kind, inputs, directory, job.outputs_requested, staged.series_uid,
             SegOptions(s.seg_type, s.seg_keep_empty_frames, s.seg_compression), progress,
-            display_name=staged.display_name,
+            display_name=staged.display_name, result_id=job.id,
         )
         self._check_cancel(job.id)  # deleted while finishing
         deliver_to = job.destinations if "seg.dcm" in result.produced else []

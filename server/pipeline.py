@@ -9,20 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.dicom_input import load_series
-from server.dicom_seg import build_seg
+from server.dicom_seg import SegOptions, build_seg
 from server.engine import Engine, Timings
 from server.nifti_io import label_volumes, read_nifti, write_nifti
 from server.preview import render_preview
 from server.vocabulary import InputKind, Output
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class SegOptions:
-    seg_type: str = "BINARY"
-    keep_empty_frames: bool = False
-    compression: str = "none"
 
 
 @dataclass
@@ -42,6 +35,7 @@ def run_pipeline(
     seg: SegOptions | None = None,
     progress: ProgressFn | None = None,
     display_name: str = "the input",
+    result_id: str | None = None,
 ) -> PipelineResult:
     """``inputs``: one NIfTI file, or the chosen DICOM series' files (see server/staging.py).
     Writes labelmap.nii.gz, seg.dcm, volumes.json, preview.png."""
@@ -70,7 +64,8 @@ def run_pipeline(
             notes.append("no DICOM-SEG: the input was NIfTI, which has no source instances to reference")
         else:
             t = time.perf_counter()
-            data = build_seg(series, labels.array, engine.bundle, seg.seg_type, seg.keep_empty_frames, seg.compression)
+            data = build_seg(series, labels.array, engine.bundle, seg.seg_type, seg.keep_empty_frames, seg.compression,
+                             result_id=result_id)
             timings.add("encode", time.perf_counter() - t)
             t = time.perf_counter()
             (out_dir / "seg.dcm").write_bytes(data)

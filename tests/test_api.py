@@ -166,9 +166,56 @@ def test_anonymised_series_without_uids_gets_consistent_generated_ones(client):
     seg = read_seg(client, job["id"])
     referenced = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
     assert len(set(referenced)) == len(datasets) and all(referenced)
-    # the same upload twice gets the same UIDs (deterministic) and the same SEG series
+    # the same upload twice gets the same generated source UIDs (from its content), and each result its own SEG UIDs
     seg2 = read_seg(client, post(client, files, outputs="dicom-seg").json()["id"])
-    assert seg2.SeriesInstanceUID == seg.SeriesInstanceUID and seg2.StudyInstanceUID == seg.StudyInstanceUID
+    assert seg2.StudyInstanceUID == seg.StudyInstanceUID
+    assert {i.ReferencedSOPInstanceUID for s in seg2.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence} \
+        == set(referenced)
+    assert seg2.SeriesInstanceUID != seg.SeriesInstanceUID and seg2.SOPInstanceUID != seg.SOPInstanceUID
+    # another anonymised patient with the same blank IDs, slice count and positions gets other UIDs
+    other_image, _ = make_phantom((40, 36, 30), (2.0, 2.0, 2.5), "axial", seed=99, noise=3.0, organs=(BLOCK,))
+    other = anonymise_without_uids(series_from_image(other_image))
+    seg3 = read_seg(client, post(client, [(f"f{i}.dcm", to_bytes(ds)) for i, ds in enumerate(other)],
+                                 outputs="dicom-seg").json()["id"])
+    assert seg3.StudyInstanceUID != seg.StudyInstanceUID
+    assert not {i.ReferencedSOPInstanceUID for s in seg3.ReferencedSeriesSequence
+                for i in s.ReferencedInstanceSequence} & set(referenced)
+
+
+def test_anonymiser_blanked_sop_class_is_taken_from_the_file_meta(client):
+    image, _ = phantom("axial")
+    datasets = series_from_image(image)
+    for ds in datasets:
+        ds.SOPClassUID = ""  # what some anonymisers do; MediaStorageSOPClassUID stays
+        compress_jpeg2000(ds)
+    r = post(client, [(f"{i:08d}", to_bytes(ds)) for i, ds in enumerate(datasets)], outputs="both")
+    assert r.status_code == 200, r.text
+    seg = read_seg(client, r.json()["id"])
+    classes = {i.ReferencedSOPClassUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert classes == {"1.2.840.10008.5.1.4.1.1.2"}
+
+
+def test_each_result_has_its_own_seg_and_tracking_uids():
+    from server.dicom_seg import build_seg
+    from server.dicom_input import load_series
+    from bundles import labels_only_bundle
+
+    image, _ = phantom("axial")
+    datasets = series_from_image(image)
+    series = load_series([(f"f{i}", to_bytes(ds)) for i, ds in enumerate(datasets)])
+    labels = np.zeros(series.volume.shape, np.uint8)
+    labels[5:10, 5:10, 5:10] = 1
+    bundle = labels_only_bundle(2)
+    read = lambda data: pydicom.dcmread(io.BytesIO(data))  # noqa: E731
+    binary = read(build_seg(series, labels, bundle, "BINARY", result_id="job-1"))
+    labelmap = read(build_seg(series, labels, bundle, "LABELMAP", result_id="job-1"))
+    again = read(build_seg(series, labels, bundle, "BINARY", result_id="job-1"))
+    other_job = read(build_seg(series, labels, bundle, "BINARY", result_id="job-2"))
+    assert binary.SOPInstanceUID == again.SOPInstanceUID  # one result keeps its UIDs (delivery retries)
+    uids = [(s.SOPInstanceUID, s.SeriesInstanceUID) for s in (binary, labelmap, other_job)]
+    assert len({u for pair in uids for u in pair}) == 6
+    tracking = lambda s: {d.TrackingUID for d in s.SegmentSequence}  # noqa: E731
+    assert not tracking(binary) & tracking(other_job) and len(tracking(binary)) == 2
 
 
 def test_enhanced_multiframe_ct(client):

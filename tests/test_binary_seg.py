@@ -64,8 +64,8 @@ PER_FRAME_TAG = b"\x00\x52\x30\x92SQ"  # (5200,9230) SQ, explicit VR little endi
 
 
 def both(series, labels, bundle, **kwargs) -> tuple[Dataset, Dataset]:
-    fast_bytes = build_seg(series, labels, bundle, **kwargs)
-    reference_bytes = build_seg(series, labels, bundle, fast_binary=False, **kwargs)
+    fast_bytes = build_seg(series, labels, bundle, result_id="same-result", **kwargs)
+    reference_bytes = build_seg(series, labels, bundle, fast_binary=False, result_id="same-result", **kwargs)
     # The per-frame groups and the pixel data hold nothing volatile: they must be the same bytes.
     assert fast_bytes[fast_bytes.index(PER_FRAME_TAG):] == reference_bytes[reference_bytes.index(PER_FRAME_TAG):]
     return pydicom.dcmread(io.BytesIO(fast_bytes)), pydicom.dcmread(io.BytesIO(reference_bytes))

@@ -1,0 +1,41 @@
+"""Every built-in label's codes are the standard's (pydicom's coded concepts), not numbers typed by hand."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.sr._concepts_dict import concepts
+from pydicom.sr._cid_dict import cid_concepts
+
+from models.bundle import load_bundle
+from models.labels import KNOWN_STRUCTURES, label_for
+from settings_paths import DEMO_BUNDLE
+
+
+def in_cid(cid: int, value: str) -> bool:
+    return any(value in concepts[scheme][keyword] for scheme, keywords in cid_concepts[cid].items()
+               for keyword in keywords)
+
+
+def meaning_of(scheme: str, value: str) -> set[str]:
+    return {meaning for entry in concepts[scheme].values() for v, (meaning, _) in entry.items() if v == value}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_STRUCTURES))
+def test_builtin_label_codes_are_the_standards(name):
+    label = label_for(1, name)
+    assert in_cid(7150, label.category.value), f"{name}: category {label.category} is not in CID 7150"
+    assert label.category.meaning in meaning_of("SCT", label.category.value)
+    assert label.type.scheme == "SCT" and label.type.meaning in meaning_of("SCT", label.type.value), label.type
+    if label.modifier is not None:
+        assert in_cid(244, label.modifier.value), f"{name}: laterality {label.modifier} is not in CID 244"
+
+
+def test_retired_and_wrong_codes_are_gone():
+    assert label_for(1, "liver").category.value == "91723000"  # CID 7150 Anatomical Structure (not 123037004)
+    assert label_for(1, "vertebrae").type.value == "421060004"  # the spine, not 51282000 "Vertebra"
+    assert label_for(1, "tumor").category.meaning == "Morphologically Abnormal Structure"
+
+
+def test_the_demo_bundle_carries_standard_codes():
+    for label in load_bundle(DEMO_BUNDLE).labels:
+        assert in_cid(7150, label.category.value) and label.type.meaning in meaning_of("SCT", label.type.value)
