@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from models.volume import Geometry, Volume
@@ -69,26 +70,108 @@ class SeriesSummary:
     slices: int
 
 
-def read_datasets(blobs: Iterable[tuple[str, object]], headers_only: bool = False) -> list[Dataset]:
-    """Parse uploaded files; anything that is not DICOM is named in a 422."""
-    datasets, bad = [], []
-    for name, data in blobs:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, force=False,
-                                 stop_before_pixels=headers_only)
-        except Exception:  # pydicom raises several types for non-DICOM bytes
-            bad.append(name)
+IMAGE_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+RAW_DATASET_GROUPS = (b"\x08\x00", b"\x02\x00")  # a dataset written without the Part-10 header starts here
+
+
+@dataclass
+class ReadReport:
+    """What reading an upload skipped or repaired; becomes notes on the job (counts only, never file names)."""
+
+    not_dicom: int = 0
+    not_images: int = 0
+    without_part10_header: int = 0
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.not_dicom:
+            out.append(f"{self.not_dicom} file(s) that are not DICOM were skipped (e.g. README, DICOMDIR viewers, "
+                       "autorun files)")
+        if self.not_images:
+            out.append(f"{self.not_images} DICOM object(s) that are not images were skipped (DICOMDIR, reports, "
+                       "presentation states)")
+        if self.without_part10_header:
+            out.append(f"{self.without_part10_header} file(s) without the DICOM Part-10 header were read as raw "
+                       "data sets")
+        return out
+
+
+def _source(data: object) -> object:
+    return io.BytesIO(data) if isinstance(data, bytes) else data
+
+
+def _head(data: object, n: int = 8) -> bytes:
+    if isinstance(data, bytes):
+        return data[:n]
+    with open(data, "rb") as f:  # type: ignore[call-overload]
+        return f.read(n)
+
+
+def _read_one(index: int, data: object, headers_only: bool, report: ReadReport) -> Dataset | None:
+    """One file -> a data set, ``None`` for a file that is not DICOM; a damaged DICOM file is an InputError."""
+    try:
+        ds = pydicom.dcmread(_source(data), force=False, stop_before_pixels=headers_only)
+    except InvalidDicomError:
+        if _head(data)[:2] not in RAW_DATASET_GROUPS:
+            return None
+        try:  # a data set without preamble and file meta, as older archives store them
+            ds = pydicom.dcmread(_source(data), force=True, stop_before_pixels=headers_only)
+        except Exception:
+            return None
+        if "SOPInstanceUID" not in ds and "ImagePositionPatient" not in ds:
+            return None
+        report.without_part10_header += 1
+    except Exception as err:  # it says it is DICOM (the 'DICM' marker) and cannot be parsed
+        raise InputError(f"file {index + 1} of the upload is a damaged DICOM file ({type(err).__name__}): "
+                         "its header cannot be read") from None
+    is_image = ("Rows" in ds or "ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
+                or str(ds.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES)
+    if headers_only and is_image and not isinstance(data, bytes):
+        _check_complete(index, ds, data)
+    if not headers_only and is_image and "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise InputError(f"file {index + 1} of the upload is a damaged DICOM image: it ends before its pixel data")
+    return ds
+
+
+def _check_complete(index: int, ds: Dataset, path: object) -> None:
+    """A header read stops before the pixels: check the file goes on far enough to hold them."""
+    size = Path(path).stat().st_size  # type: ignore[arg-type]
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        per_sample = (int(ds.BitsAllocated) + 7) // 8
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"file {index + 1} of the upload is a damaged DICOM image: its header ends early "
+                         "(Rows, Columns or BitsAllocated missing)") from None
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    compressed = bool(syntax is not None and syntax.is_compressed)
+    if not compressed and size < rows * cols * frames * per_sample * samples:
+        raise InputError(f"file {index + 1} of the upload is a damaged DICOM image: its pixel data is shorter than "
+                         f"its header says ({rows}x{cols}x{frames} pixels)")
+
+
+def read_datasets(blobs: Iterable[tuple[str, object]], headers_only: bool = False,
+                  report: ReadReport | None = None) -> list[Dataset]:
+    """Parse uploaded files. Files that are not DICOM and DICOM objects that are not images are skipped (counted in
+    ``report``); a damaged DICOM file is a 422 saying so; no image at all is a 422."""
+    report = report if report is not None else ReadReport()
+    datasets = []
+    for index, (_, data) in enumerate(blobs):
+        ds = _read_one(index, data, headers_only, report)
+        if ds is None:
+            report.not_dicom += 1
             continue
-        if not headers_only and "PixelData" not in ds and "FloatPixelData" not in ds:
+        if "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+            report.not_images += 1  # DICOMDIR, SR, presentation states: not image slices
             continue
-        if headers_only and "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
-            continue  # DICOMDIR, SR, presentation states: not image slices; ignored
         _repair_sop_class(ds)
         datasets.append(ds)
-    if bad:
-        raise InputError(f"{len(bad)} file(s) are not DICOM: {', '.join(bad[:10])}", {"files": bad[:50]})
     if not datasets:
-        raise InputError("no DICOM image found in the upload")
+        found = f" ({report.not_dicom} file(s) not DICOM, {report.not_images} non-image object(s))" \
+            if report.not_dicom or report.not_images else ""
+        raise InputError(f"no DICOM image found in the upload{found}")
     return datasets
 
 
@@ -393,17 +476,18 @@ class SeriesChoice:
     files: list[str]  # the paths (as given) of the chosen series' instances
     geometry: Geometry
     modality: str
-    notes: list[str]
+    notes: list[str]  # what reading skipped or repaired
 
 
 def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
                    modalities: set[str] | None = None) -> SeriesChoice:
     """Header-only check at staging: the series choice and its geometry, no pixel decoding. Blobs given as
     paths are reported in ``files`` (pydicom records the path it read)."""
-    uid, items, _ = _select(read_datasets(blobs, headers_only=True), series_uid, modalities)
+    report = ReadReport()
+    uid, items, _ = _select(read_datasets(blobs, headers_only=True, report=report), series_uid, modalities)
     plan = plan_series(items)
     return SeriesChoice(uid, [str(getattr(ds, "filename", "") or "") for ds in items], plan.geometry,
-                        str(getattr(items[0], "Modality", "") or ""), plan.notes)
+                        str(getattr(items[0], "Modality", "") or ""), report.notes())
 
 
 def load_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,

@@ -26,8 +26,8 @@ def _itk_reason(err: RuntimeError, path: Path) -> str:
     return last.replace(str(path), "the file").replace(path.name, "the file")[:200]
 
 
-def check_nifti_header(path: Path, name: str) -> None:
-    """Header-only check at staging: readable, one 3D grey-scale volume."""
+def check_nifti_header(path: Path, name: str) -> tuple[float, float, float]:
+    """Header-only check at staging: readable, one 3D grey-scale volume. Returns its spacing (D, H, W)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -39,6 +39,10 @@ def check_nifti_header(path: Path, name: str) -> None:
         raise InputError(f"{name}: expected a 3D volume; got size {size}")
     if reader.GetNumberOfComponents() != 1:
         raise InputError(f"{name}: expected grey-scale CT (one value per voxel)")
+    if min(size[:3]) < 2:
+        raise InputError(f"{name}: a volume of size {size[:3]} is too small to segment")
+    sx, sy, sz = reader.GetSpacing()[:3]
+    return (sz, sy, sx)
 
 
 def read_nifti(path: Path, name: str) -> Volume:
@@ -58,6 +62,21 @@ def read_nifti(path: Path, name: str) -> Volume:
         return Volume.from_sitk(image)
     except GeometryError as err:
         raise InputError(f"{name}: {err}") from None
+
+
+def replace_non_finite(volume: Volume, fill: float = -1024.0) -> tuple[Volume, str | None]:
+    """NaN and infinite voxels (float NIfTI from research pipelines) set to air, with a note saying how many."""
+    if not np.issubdtype(volume.array.dtype, np.floating):
+        return volume, None
+    bad = ~np.isfinite(volume.array)
+    count = int(bad.sum())
+    if not count:
+        return volume, None
+    array = volume.array.copy()
+    array[bad] = fill
+    note = (f"{count} voxel(s) were NaN or infinite ({100 * count / array.size:.3g} % of the volume) and were set to "
+            f"{fill:g} HU (air) before segmenting")
+    return Volume(array, volume.geometry), note
 
 
 def write_nifti(volume: Volume, path: Path) -> None:

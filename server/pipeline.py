@@ -11,7 +11,7 @@ from pathlib import Path
 from server.dicom_input import load_series
 from server.dicom_seg import SegOptions, build_seg
 from server.engine import Engine, Timings
-from server.nifti_io import label_volumes, read_nifti, write_nifti
+from server.nifti_io import label_volumes, read_nifti, replace_non_finite, write_nifti
 from server.preview import render_preview
 from server.vocabulary import InputKind, Output
 
@@ -45,7 +45,8 @@ def run_pipeline(
     t = time.perf_counter()
     series = None
     if kind == InputKind.NIFTI:
-        volume = read_nifti(inputs[0], display_name)
+        volume, repaired = replace_non_finite(read_nifti(inputs[0], display_name))
+        notes += [repaired] if repaired else []
     else:
         series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality})
         volume = series.volume

@@ -19,6 +19,19 @@ from server.uploads import extract_zip
 from server.vocabulary import InputKind
 
 NIFTI_DISPLAY_NAME = "the NIfTI volume"
+# Voxel sizes a CT can have (mm). Outside them the header is wrong (0.001 mm pixels, 100 mm slices) and a
+# segmentation would silently be nonsense: refused, naming the value (docs/operations.md).
+PIXEL_SPACING_MM = (0.05, 10.0)
+SLICE_SPACING_MM = (0.05, 30.0)
+
+
+def check_spacing(spacing_dhw: tuple[float, float, float]) -> None:
+    d, h, w = spacing_dhw
+    for what, value, (lo, hi) in (("slice spacing", d, SLICE_SPACING_MM), ("pixel spacing (rows)", h, PIXEL_SPACING_MM),
+                                  ("pixel spacing (columns)", w, PIXEL_SPACING_MM)):
+        if not lo <= value <= hi:
+            raise InputError(f"implausible {what} of {value:g} mm (accepted: {lo:g} to {hi:g} mm); "
+                             "the header is probably wrong")
 
 
 @dataclass(frozen=True)
@@ -40,15 +53,15 @@ def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]
     if nifti:
         if len(paths) > 1:
             raise InputError("send one NIfTI file per request (or DICOM files / zips, not both)")
-        check_nifti_header(paths[0], NIFTI_DISPLAY_NAME)
+        check_spacing(check_nifti_header(paths[0], NIFTI_DISPLAY_NAME))
         if series_uid:
             raise InputError("series_uid applies to DICOM input; a NIfTI file holds one volume")
         return Selection(InputKind.NIFTI, paths, None, NIFTI_DISPLAY_NAME, [])
     choice = inspect_series([(p.name, p) for p in paths], series_uid, modalities)
+    check_spacing(choice.geometry.spacing)
     chosen = [Path(f) for f in choice.files]
     return Selection(InputKind.DICOM, chosen, choice.series_uid,
-                     f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices",
-                     [])  # the series' own notes come with it when the worker reads it
+                     f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices", choice.notes)
 
 
 def unpack_zips(inbox: Path, max_unpacked_bytes: int) -> None:

@@ -49,11 +49,15 @@ def test_unreadable_nifti_is_422(client):
     assert "ct.nii.gz" not in detail  # client file names (often patient names) stay out of messages
 
 
-def test_non_dicom_file_among_dicom_is_named(client):
+def test_non_dicom_files_among_dicom_are_skipped_with_a_note(client):
     image, _ = phantom()
-    files = dicom_files(series_from_image(image)[:5]) + [("notes.txt", b"hello")]
+    files = dicom_files(series_from_image(image)) + [("notes.txt", b"hello"), ("AUTORUN.INF", b"[autorun]")]
     r = post(client, files)
-    assert r.status_code == 422 and "are not DICOM" in r.json()["detail"] and "notes.txt" in r.json()["detail"]
+    assert r.status_code == 200, r.text
+    assert any("2 file(s) that are not DICOM were skipped" in n for n in r.json()["notes"])
+    only_text = post(client, [("notes.txt", b"hello")])
+    assert only_text.status_code == 422 and "no DICOM image found" in only_text.json()["detail"]
+    assert "notes.txt" not in only_text.text
 
 
 def test_nifti_with_dicom_seg_is_422_saying_why(client):
