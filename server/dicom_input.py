@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from models.volume import Geometry, Volume
 from server.errors import InputError
@@ -120,6 +120,12 @@ def _read_one(index: int, data: object, headers_only: bool, report: ReadReport) 
             return None
         if "SOPInstanceUID" not in ds and "ImagePositionPatient" not in ds:
             return None
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()  # what the missing header would have said: how the data set is encoded
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if "SOPClassUID" in ds:
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         report.without_part10_header += 1
     except Exception as err:  # it says it is DICOM (the 'DICM' marker) and cannot be parsed
         raise InputError(f"file {index + 1} of the upload is a damaged DICOM file ({type(err).__name__}): "

@@ -45,7 +45,7 @@ def run_pipeline(
     t = time.perf_counter()
     series = None
     if kind == InputKind.NIFTI:
-        volume, repaired = replace_non_finite(read_nifti(inputs[0], display_name))
+        volume, repaired = replace_non_finite(read_nifti(inputs[0], display_name), inputs[0])
         notes += [repaired] if repaired else []
     else:
         series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality})

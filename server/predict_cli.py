@@ -46,11 +46,11 @@ def _expand(path: Path, scratch: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if path.suffix.lower() == ".zip":
-        from server.uploads import extract_zip
+        from server.uploads import ZipLimits, extract_zip
 
         target = scratch / path.stem
         target.mkdir(parents=True)
-        return extract_zip(path, target, 1 << 40)
+        return extract_zip(path, target, ZipLimits(max_bytes=1 << 40, max_members=10**6))
     return [path]
 
 

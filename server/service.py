@@ -143,7 +143,7 @@ class SegmentationService:
         """Check the job's input once, record what was chosen, queue it. Raises the input's error."""
         engine = self.engine(job.model)
         staged = stage(self.input_dir(job.id), job.origin or Origin(OriginKind.UPLOAD), job.params.get("series_uid"),
-                       {engine.bundle.modality}, self.settings.max_upload_mb * 2**20 * 4)
+                       {engine.bundle.modality}, self.settings.zip_limits())
         outputs = list(job.outputs_requested)
         destinations = list(job.destinations)
         if staged.kind == InputKind.NIFTI and destinations:

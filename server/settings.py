@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     sw_batch: int = Field(4, ge=1)
     accumulate_float16: bool = False
     max_upload_mb: int = Field(2048, ge=1)
+    zip_max_unpacked_mb: int = Field(2048, ge=1, description="what the zips of one request may unpack to")
+    zip_max_members: int = Field(10_000, ge=1, description="files in the zips of one request")
+    zip_max_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size, per member and per zip")
+    zip_max_depth: int = Field(1, ge=1, le=5, description="zip nesting unpacked (1: zips inside zips are skipped)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted X-API-Key values; empty: no auth")
     storage_dir: Path = Path("storage")
     retention_hours: float = Field(72.0, gt=0)
@@ -88,6 +92,11 @@ class Settings(BaseSettings):
         self.dicom_ae_title = check_ae_title(self.dicom_ae_title)
         self.dicom_allowed_ae_titles = [check_ae_title(t) for t in self.dicom_allowed_ae_titles]
         return self
+
+    def zip_limits(self) -> "ZipLimits":
+        from server.uploads import ZipLimits
+
+        return ZipLimits(self.zip_max_unpacked_mb * 2**20, self.zip_max_members, self.zip_max_ratio, self.zip_max_depth)
 
     def destination(self, name: str) -> Node:
         for node in self.destinations:

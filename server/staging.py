@@ -8,14 +8,14 @@ checked from its headers, and files of other series are removed, so the worker r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.dicom_input import inspect_series
 from server.errors import InputError
 from server.job_input import Origin, StagedInput
 from server.nifti_io import check_nifti_header, is_nifti_name
-from server.uploads import extract_zip
+from server.uploads import ZipLimits, extract_zip
 from server.vocabulary import InputKind
 
 NIFTI_DISPLAY_NAME = "the NIfTI volume"
@@ -64,18 +64,25 @@ def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]
                      f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices", choice.notes)
 
 
-def unpack_zips(inbox: Path, max_unpacked_bytes: int) -> None:
-    for path in sorted(p for p in inbox.rglob("*") if p.is_file() and p.suffix.lower() == ".zip"):
-        target = path.with_name(path.stem + "_unzipped")
-        target.mkdir()
-        extract_zip(path, target, max_unpacked_bytes)
-        path.unlink()
+def unpack_zips(inbox: Path, limits: ZipLimits) -> None:
+    """Zips in the inbox unpacked in place, nested ones up to ``limits.max_depth`` levels (deeper ones stay as
+    files that are not DICOM). One budget of unpacked bytes and members for all of them."""
+    budget = limits
+    for depth in range(limits.max_depth):
+        zips = sorted(p for p in inbox.rglob("*") if p.is_file() and p.suffix.lower() == ".zip"
+                      and len(p.relative_to(inbox).parts) == depth + 1)
+        for path in zips:
+            target = path.with_name(path.stem + "_unzipped")
+            target.mkdir()
+            out = extract_zip(path, target, budget)
+            path.unlink()
+            budget = replace(budget, max_bytes=budget.max_bytes - sum(p.stat().st_size for p in out),
+                             max_members=budget.max_members - len(out))
 
 
-def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[str],
-          max_unpacked_bytes: int) -> StagedInput:
+def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[str], limits: ZipLimits) -> StagedInput:
     """Check the files in a job's ``inbox`` and keep only what the job will read."""
-    unpack_zips(inbox, max_unpacked_bytes)
+    unpack_zips(inbox, limits)
     paths = sorted(p for p in inbox.rglob("*") if p.is_file())
     selection = select_input(paths, series_uid, modalities)
     keep = {p.resolve() for p in selection.files}
