@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import ctseg
-from server.errors import BadGateway, InputError, NotFound, PayloadTooLarge, ServiceUnavailable
+from server.errors import BadGateway, InputError, InsufficientStorage, NotFound, PayloadTooLarge, ServiceUnavailable
 from server.routers import health, models, segmentations
+from server.security import PROBES, ApiKeyGuard
 from server.service import SegmentationService
 from server.settings import Settings
 from server.uploads import BodySizeLimit
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
     app.include_router(models.router)
     app.include_router(segmentations.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_mb * 1024 * 1024)
+    open_paths = PROBES | ({"/metrics"} if settings.metrics_public else set())
+    app.add_middleware(ApiKeyGuard, keys=settings.api_keys, open_paths=frozenset(open_paths))  # outermost: first
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -66,7 +69,7 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
             svc.metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
-    for exc_type in (InputError, NotFound, PayloadTooLarge, ServiceUnavailable, BadGateway):
+    for exc_type in (InputError, NotFound, PayloadTooLarge, ServiceUnavailable, BadGateway, InsufficientStorage):
         app.add_exception_handler(exc_type, _error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(Exception, _internal_handler)

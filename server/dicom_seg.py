@@ -33,7 +33,7 @@ from pydicom.uid import (
 import ctseg
 from models.bundle import Bundle
 from models.labels import Label
-from server.binary_seg import write_binary_seg
+from server.binary_seg import TemplateError, write_binary_seg
 from server.dicom_input import DicomSeries
 from server.errors import InputError
 from server.label_stats import plane_counts
@@ -170,11 +170,15 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
         pixel = np.empty_like(labels)
         pixel[np.asarray(getattr(series, "frame_order"))] = labels  # back to the source's frame order
         seg = segmentation(series.datasets, pixel)
-    elif seg_type == "BINARY" and compression == "none" and fast_binary:
-        # The default output: frames stamped out as bytes (server/binary_seg.py), same dataset as highdicom's.
-        return write_binary_seg(series.datasets, labels.astype(pixel_dtype, copy=False), sorted(by_value),
-                                keep_empty_frames, segmentation, counts)
     else:
+        if seg_type == "BINARY" and compression == "none" and fast_binary:
+            # The default output: frames stamped out as bytes (server/binary_seg.py), same dataset as highdicom's.
+            try:
+                return write_binary_seg(series.datasets, labels.astype(pixel_dtype, copy=False), sorted(by_value),
+                                        keep_empty_frames, segmentation, counts)
+            except TemplateError as err:  # highdicom changed under the fast writer: its own (slower) writer
+                log.warning("fast BINARY SEG writer does not fit highdicom %s (%s); writing with highdicom",
+                            hd.__version__, err)
         seg = segmentation(series.datasets, labels)
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from server.engine import Engine
-from server.errors import InputError, NotFound, PayloadTooLarge
+from server.errors import InputError, NotFound, PayloadTooLarge, storage_full
 from server.jobs import Job, JobState, JobStore
 from server.pipeline import SegOptions, run_pipeline
 from server.settings import Settings
@@ -48,6 +48,14 @@ class JobExecutor:
             self.store.fail(job_id, ErrorKind.INPUT, str(err))
             log.info("job %s failed on its input: %s", job_id, err)
         except Exception as err:  # a bug or an environment problem: recorded, never lost
+            if storage_full(err):
+                # Free what this job holds first (its input is the largest part), so its record can be written.
+                shutil.rmtree(self.store.job_dir(job_id) / "input", ignore_errors=True)
+                self._discard_results(job_id)
+                log.error("job %s failed: the storage is full", job_id)
+                self.store.fail(job_id, ErrorKind.INTERNAL, "the storage is full (no space left on device) while this "
+                                                            "job ran; free space in CTSEG_STORAGE_DIR and submit it again")
+                return
             log.exception("job %s failed", job_id)
             self._discard_results(job_id)
             self.store.fail(job_id, ErrorKind.INTERNAL, f"internal error: {type(err).__name__}")

@@ -109,6 +109,8 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
 # Columns added after the first release, for stores written by it.
 MIGRATIONS = {"origin": "TEXT", "staged": "TEXT", "destinations": "TEXT NOT NULL DEFAULT '[]'"}
 JSON_COLUMNS = ("timings", "notes", "outputs", "params", "destinations")
+UPDATABLE = {"state", "input_kind", "params", "progress_done", "progress_total", "timings", "error", "error_kind",
+             "notes", "outputs", "origin", "staged", "destinations"}
 
 
 def _encode(key: str, value: Any) -> Any:
@@ -203,11 +205,14 @@ class JobStore:
         )
 
     def update(self, job_id: str, **fields: Any) -> None:
+        unknown = set(fields) - UPDATABLE
+        if unknown:  # column names go into the SQL text: only the schema's own
+            raise ValueError(f"not job columns: {sorted(unknown)}")
         encoded = {k: _encode(k, v) for k, v in fields.items()}
         encoded["updated"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in encoded)
         with self._lock:
-            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))  # noqa: S608
 
     def staged(self, job_id: str, staged: StagedInput) -> None:
         """Staging is complete: the job records its input and is ready to be queued."""
@@ -236,7 +241,7 @@ class JobStore:
     def ids_in_state(self, *states: JobState) -> list[str]:
         marks = ",".join("?" * len(states))
         with self._lock:
-            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created",
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created",  # noqa: S608
                                     [s.value for s in states]).fetchall()
         return [r[0] for r in rows]
 
@@ -292,7 +297,7 @@ class JobStore:
 
     def deliveries(self, job_id: str) -> list[Delivery]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {self._DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? ORDER BY id",
+            rows = self._db.execute(f"SELECT {self._DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? ORDER BY id",  # noqa: S608
                                     (job_id,)).fetchall()
         return [self._delivery(r) for r in rows]
 
@@ -300,7 +305,7 @@ class JobStore:
         """Pending deliveries whose time has come, claimed for ``lease_s`` so no other sender takes them."""
         with self._transaction() as db:
             rows = db.execute(
-                f"SELECT {self._DELIVERY_COLUMNS} FROM deliveries WHERE state = ? AND next_attempt <= ? "
+                f"SELECT {self._DELIVERY_COLUMNS} FROM deliveries WHERE state = ? AND next_attempt <= ? "  # noqa: S608
                 "AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY next_attempt LIMIT ?",
                 (DeliveryState.PENDING.value, now, now, limit),
             ).fetchall()

@@ -95,3 +95,44 @@ def job_out(job: Job, deliveries: list[Delivery]) -> JobOut:
                                 next_attempt=d.next_attempt if d.state == DeliveryState.PENDING else None,
                                 delivered_at=d.delivered_at) for d in deliveries],
     )
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description="'ready', 'starting', or 'no worker: <reason>'")
+    models: dict[str, bool]
+
+
+class CodeOut(BaseModel):
+    value: str
+    meaning: str
+
+
+class LabelOut(BaseModel):
+    value: int
+    name: str
+    color: list[int] = Field(description="sRGB, 0-255")
+    snomed: CodeOut | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    default: bool
+    modality: str
+    description: str
+    device: str
+    roi: list[int] = Field(description="(D, H, W) voxels")
+    spacing: list[float] = Field(description="(D, H, W) mm")
+    orientation: str
+    intensity_window: list[float]
+    mode: str = Field(description="3d or 2.5d")
+    labels: list[LabelOut]
+    metrics: dict | None = None
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]

@@ -8,6 +8,7 @@ record and an empty input folder), the caller fills the folder (upload, C-STORE,
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ class SegmentationService:
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        # Uploads, received instances and results hold patient data: readable by the service user only. Set before
+        # the worker processes start, which inherit it.
+        os.umask(0o077)
+        self.settings.storage_dir.chmod(0o700)
         queued, interrupted = self.store.recover()
         if interrupted:
             log.warning("%d job(s) were interrupted by the last stop and are marked failed", len(interrupted))
@@ -188,7 +193,8 @@ class SegmentationService:
     def route_received(self, series: IncomingSeries, route: Route | None) -> None:
         """A received series is complete (server/dicom_listener.py): run it, or say why not."""
         listener = self.listener
-        assert listener is not None
+        if listener is None:
+            raise RuntimeError("route_received needs the DICOM listener")
         origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
         if route is None and not series.aborted:
             listener.incoming.drop(series.series_uid)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     zip_max_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size, per member and per zip")
     zip_max_depth: int = Field(1, ge=1, le=5, description="zip nesting unpacked (1: zips inside zips are skipped)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted X-API-Key values; empty: no auth")
+    metrics_public: bool = Field(False, description="with API keys set, serve /metrics without one (a scraper "
+                                                    "inside the trusted network)")
     storage_dir: Path = Path("storage")
     retention_hours: float = Field(72.0, gt=0)
     max_queue: int = Field(16, ge=1)

@@ -126,6 +126,22 @@ def test_template_change_is_reported():
         FrameStamper(item, [], [1])
 
 
+def test_a_template_mismatch_falls_back_to_highdicoms_writer(monkeypatch, caplog):
+    import server.binary_seg as fast
+
+    series = make_series("axial")
+    bundle = labels_only_bundle(3)
+    labels = blobs(series.volume.shape, 3)
+    reference = build_seg(series, labels, bundle, fast_binary=False, result_id="r")
+    # what a highdicom upgrade that moves an element of the per-frame item looks like to the fast writer
+    monkeypatch.setattr(fast, "FRAME_ITEM_TAGS", list(reversed(fast.FRAME_ITEM_TAGS)))
+    fallback = build_seg(series, labels, bundle, result_id="r")
+    assert "fast BINARY SEG writer does not fit highdicom" in caplog.text
+    # highdicom's own output (creation times aside): the same header UIDs, per-frame groups and pixels
+    assert fallback[fallback.index(PER_FRAME_TAG):] == reference[reference.index(PER_FRAME_TAG):]
+    assert pydicom.dcmread(io.BytesIO(fallback)).SOPInstanceUID == pydicom.dcmread(io.BytesIO(reference)).SOPInstanceUID
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_label_counts_per_plane_match_numpy(dtype):
     from server.label_stats import label_counts, plane_counts

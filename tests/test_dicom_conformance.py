@@ -100,10 +100,11 @@ def test_lateral_structures_carry_a_laterality_modifier():
     from pydicom.sr.codedict import codes
 
     from models.labels import label_for
-    from server.dicom_seg import segment_description
+    from server.dicom_seg import SegIdentity, segment_description
 
     algo = hd.AlgorithmIdentificationSequence(name="t", family=codes.cid7162.ArtificialIntelligence, version="1")
-    desc = segment_description(3, label_for(3, "kidney_left"), algo)
+    identity = SegIdentity("1.2.3", "1.2.3.4", 9001, "test")
+    desc = segment_description(3, label_for(3, "kidney_left"), algo, identity)
     prop = desc.SegmentedPropertyTypeCodeSequence[0]
     assert prop.CodeValue == "64033007" and prop.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"
     assert desc.SegmentLabel == "kidney left" and len(desc.RecommendedDisplayCIELabValue) == 3

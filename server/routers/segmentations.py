@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.deps import AuthDep, ServiceDep
-from server.errors import InputError
+from server.errors import InputError, InsufficientStorage, storage_full
 from server.job_input import Origin
 from server.jobs import Job, JobState
 from server.nifti_io import is_nifti_name
@@ -72,8 +72,11 @@ async def _receive_upload(service: SegmentationService, request: JobRequest, fil
                 while chunk := await upload.read(CHUNK):
                     out.write(chunk)
         return await run_in_threadpool(service.stage_and_enqueue, job)
-    except BaseException:
+    except BaseException as err:
         service.discard(job.id)
+        if storage_full(err):
+            raise InsufficientStorage("the service's storage is full; retry later (operators: free space in "
+                                      "CTSEG_STORAGE_DIR)") from None
         raise
 
 
@@ -92,6 +95,7 @@ async def _receive_upload(service: SegmentationService, request: JobRequest, fil
                                                       "dicom-seg, unknown destination, ..."},
         500: {"model": JobOut, "description": "the job failed inside the service (wait=true)"},
         502: {"model": ErrorOut, "description": "the source cannot be reached or failed"},
+        507: {"model": ErrorOut, "description": "the service's storage is full"},
         503: {"model": ErrorOut, "description": "queue full or no worker; retry after Retry-After"},
     },
 )
