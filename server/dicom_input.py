@@ -12,7 +12,8 @@ import hashlib
 import io
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from models.volume import Geometry, Volume
+from models.volume import Geometry, GeometryError, Volume
 from server.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,10 @@ def plan_series(items: list[Dataset]) -> SeriesPlan:
         raise InputError("slices have different ImageOrientationPatient: not one volume (localizer or mixed series?)")
     if any(not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, rtol=1e-3) for f in frames):
         raise InputError("slices have different PixelSpacing: not one volume")
-    shapes = {(int(f.dataset.Rows), int(f.dataset.Columns)) for f in frames}
+    try:
+        shapes = {(int(f.dataset.Rows), int(f.dataset.Columns)) for f in frames}
+    except (AttributeError, TypeError, ValueError):
+        raise InputError("Rows or Columns is missing or not a number in some slices") from None
     if len(shapes) > 1:
         raise InputError(f"slices have different sizes {sorted(shapes)}: not one volume")
     row_dir = ori[:3] / np.linalg.norm(ori[:3])
@@ -485,13 +489,28 @@ class SeriesChoice:
     notes: list[str]  # what reading skipped or repaired
 
 
+@contextmanager
+def _unusable_headers() -> Iterator[None]:
+    """Header values this reader cannot interpret (a Rows of None, a slope of 'abc', a spacing of NaN) are the
+    sender's problem: a 422 naming the kind of fault, never a 500. Specific checks above name the element where
+    they can; this is the net under them (tests/test_fuzz.py mutates tags to find what slips through)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+            NotImplementedError, GeometryError) as err:
+        raise InputError(f"the DICOM headers cannot be used: {type(err).__name__} ({str(err)[:160]})") from None
+
+
 def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
                    modalities: set[str] | None = None) -> SeriesChoice:
     """Header-only check at staging: the series choice and its geometry, no pixel decoding. Blobs given as
     paths are reported in ``files`` (pydicom records the path it read)."""
     report = ReadReport()
-    uid, items, _ = _select(read_datasets(blobs, headers_only=True, report=report), series_uid, modalities)
-    plan = plan_series(items)
+    with _unusable_headers():
+        uid, items, _ = _select(read_datasets(blobs, headers_only=True, report=report), series_uid, modalities)
+        plan = plan_series(items)
     return SeriesChoice(uid, [str(getattr(ds, "filename", "") or "") for ds in items], plan.geometry,
                         str(getattr(items[0], "Modality", "") or ""), report.notes())
 
@@ -499,8 +518,9 @@ def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None =
 def load_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,
                 modalities: set[str] | None = None) -> DicomSeries:
     """Upload -> one checked series. ``modalities``: what the bundle accepts (CT by default)."""
-    uid, items, generated = _select(read_datasets(blobs), series_uid, modalities)
-    series = build_series(uid, items)
+    with _unusable_headers():
+        uid, items, generated = _select(read_datasets(blobs), series_uid, modalities)
+        series = build_series(uid, items)
     if generated:
         series.notes.append(
             "the input lacked " + ", ".join(generated) + "; consistent UIDs were generated for the output, so the "

@@ -329,6 +329,14 @@ class JobStore:
                 (state.value, error, next_attempt, now if state == DeliveryState.DELIVERED else None, delivery_id),
             )
 
+    def expedite(self, destination: str, now: float) -> int:
+        """A destination just acknowledged a SEG: its other pending deliveries are due now, not at their back-off."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE deliveries SET next_attempt = ? WHERE destination = ? AND state = ? AND next_attempt > ?",
+                (now, destination, DeliveryState.PENDING.value, now),
+            ).rowcount
+
     def outbox_stats(self) -> tuple[dict[tuple[str, str], int], float | None]:
         """Deliveries by (destination, state), and the creation time of the oldest pending one."""
         with self._lock:

@@ -8,7 +8,9 @@ rather than adding a second one.
 
 Retries back off exponentially (``delivery_retry_base_s`` doubled per attempt, capped at ``delivery_retry_max_s``,
 with up to 10 % jitter so a PACS coming back is not hit by every SEG at once); a delivery still failing after
-``delivery_give_up_hours`` is failed, as is one the destination refused outright.
+``delivery_give_up_hours`` is failed, as is one the destination refused outright. When a destination acknowledges
+a SEG after failures, its other pending deliveries are due at once (it is back; no need to wait out each one's
+back-off).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class Outbox:
             self._record(delivery, DeliveryState.DELIVERED, None)
             log.info("job %s: SEG delivered to %s in %.2f s (attempt %d)", delivery.job_id, delivery.destination,
                      time.perf_counter() - t, delivery.attempts + 1)
+            if delivery.attempts and self.store.expedite(delivery.destination, time.time()):
+                log.info("destination %s is back: its other pending deliveries go now", delivery.destination)
 
     def _retry(self, delivery: Delivery, error: str) -> None:
         age_h = (time.time() - delivery.created) / 3600

@@ -66,7 +66,7 @@ def big_nifti() -> bytes:
     return nifti_bytes(image)
 
 
-def test_killed_during_an_upload_leaves_no_job_and_no_files(intensity_bundle, tmp_path):
+def test_killed_during_an_upload_the_job_fails_with_the_reason_and_no_file_is_left(intensity_bundle, tmp_path):
     storage = tmp_path / "storage"
     server = Serve(intensity_bundle, storage, tmp_path / "ctseg.log").start()
     try:
@@ -83,7 +83,8 @@ def test_killed_during_an_upload_leaves_no_job_and_no_files(intensity_bundle, tm
             server.kill()
         server.start()
         jobs = requests.get(server.url + "/v1/segmentations", timeout=5).json()["jobs"]
-        assert jobs == []  # nothing was acknowledged, so nothing is run on the partial upload
+        assert len(jobs) == 1 and jobs[0]["state"] == "failed"  # never run on the partial upload, never silently gone
+        assert "the service stopped while this job's input was arriving" in jobs[0]["error"]
         assert not [p for p in (storage / "jobs").rglob("*") if p.is_file()]
     finally:
         server.kill()

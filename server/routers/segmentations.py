@@ -2,48 +2,40 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from server.deps import AuthDep, ServiceDep
 from server.errors import InputError, InsufficientStorage, storage_full
 from server.job_input import Origin
 from server.jobs import Job, JobState
+from server.multipart_stream import receive_files
 from server.nifti_io import is_nifti_name
 from server.schemas import ErrorOut, InputErrorOut, JobListOut, JobOut, PullRequest, job_out
 from server.service import JobRequest, SegmentationService
 from server.vocabulary import ErrorKind, OriginKind, Output, parse_outputs
 
-router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], dependencies=[AuthDep])
+router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], dependencies=[AuthDep],
+                   responses={422: {"model": ErrorOut, "description": "a parameter is not valid"}})
 
 MEDIA = {"labelmap.nii.gz": "application/gzip", "seg.dcm": "application/dicom", "preview.png": "image/png",
          "volumes.json": "application/json"}
-CHUNK = 1 << 20
-MAX_FILES = 100_000
 
 SUBMIT_BODY = {
     "required": True,
     "content": {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["files"],
-            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+            "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
                                      "description": "one .nii/.nii.gz, or DICOM files, or .zip archive(s)"}}}},
         "application/json": {"schema": PullRequest.model_json_schema()},
     },
 }
-
-
-def _safe_name(name: str | None, index: int) -> str:
-    base = Path(name or f"file{index}").name
-    return f"{index:05d}_" + (re.sub(r"[^A-Za-z0-9._-]", "_", base)[:120] or "file")
 
 
 def _parse_destinations(value: str | None) -> tuple[str, ...] | None:
@@ -57,20 +49,15 @@ def _public(service: SegmentationService, job: Job) -> JobOut:
     return job_out(job, service.store.deliveries(job.id))
 
 
-async def _receive_upload(service: SegmentationService, request: JobRequest, files: list[UploadFile]) -> Job:
-    if not files:
-        raise InputError("no file uploaded (multipart field 'files')")
-    names = [f.filename or "" for f in files]
-    if any(is_nifti_name(n) for n in names) and Output.DICOM_SEG in request.outputs:
-        raise InputError("dicom-seg needs DICOM input: a NIfTI file carries no source instances for a SEG to "
-                         "reference; ask for outputs=nifti or send the DICOM series")
+async def _receive_upload(service: SegmentationService, request: JobRequest, http: Request) -> Job:
+    """A ``staging`` job first (so a crash while the body streams in leaves a record that recovery fails with the
+    reason), then the parts streamed into its input folder, then staging."""
     job = service.open_job(request)
-    inbox = service.input_dir(job.id)
     try:
-        for i, upload in enumerate(files):
-            with open(inbox / _safe_name(upload.filename, i), "wb") as out:
-                while chunk := await upload.read(CHUNK):
-                    out.write(chunk)
+        names = await receive_files(http, service.input_dir(job.id), service.settings.zip_max_members)
+        if any(is_nifti_name(n) for n in names) and Output.DICOM_SEG in request.outputs:
+            raise InputError("dicom-seg needs DICOM input: a NIfTI file carries no source instances for a SEG to "
+                             "reference; ask for outputs=nifti or send the DICOM series")
         return await run_in_threadpool(service.stage_and_enqueue, job)
     except BaseException as err:
         service.discard(job.id)
@@ -120,9 +107,7 @@ async def submit(
         job_request = replace(job_request, series_uid=pull.series_uid, origin=Origin(OriginKind.PULL, source=pull.source))
         job = await run_in_threadpool(service.pull, job_request, pull.source, pull.study_uid, pull.series_uid)
     else:
-        async with request.form(max_files=MAX_FILES, max_fields=100) as form:
-            files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-            job = await _receive_upload(service, job_request, files)
+        job = await _receive_upload(service, job_request, request)
     location = f"/v1/segmentations/{job.id}"
     if wait:
         done = await run_in_threadpool(service.wait, job.id, service.settings.sync_timeout_s)
