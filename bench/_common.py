@@ -86,10 +86,11 @@ class Server:
                 todo += [int(c) for c in task.read_text().split()]
         return found
 
-    def peak_rss_mb(self) -> float:
-        """Sum of each process's own peak (VmHWM): server plus workers; an upper bound of their joint peak."""
+    def peak_rss_mb(self, api_only: bool = False) -> float:
+        """Sum of each process's own peak (VmHWM): server plus workers (an upper bound of their joint peak), or
+        the API process alone."""
         total = 0.0
-        for pid in self.pids():
+        for pid in [self.proc.pid] if api_only else self.pids():
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) / 1024.0

@@ -88,13 +88,13 @@ def main() -> None:
         stop.set()
         latencies: list[float] = results.get(timeout=60)
         prober.join()
-        rss = server.peak_rss_mb()
+        rss, api_rss = server.peak_rss_mb(), server.peak_rss_mb(api_only=True)
     p50, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 99))
     print(f"one job alone {single:.1f} s; {args.n} concurrent: all {len(durations)} completed in {total:.1f} s "
           f"({total / (args.n * single):.2f} of {args.n}x one); status p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-          f"over {len(latencies)} requests; server peak RSS {rss:.0f} MB; one past the queue limit: {over_queue}")
+          f"over {len(latencies)} requests; peak RSS {rss:.0f} MB (API process {api_rss:.0f} MB); one past the queue limit: {over_queue}")
     print(f"SUMMARY load n={args.n} completed={len(durations)} total_s={total:.1f} vs_n_times_one={total / (args.n * single):.2f} "
-          f"status_p50_ms={p50:.1f} status_p99_ms={p99:.1f} server_peak_rss_mb={rss:.0f} "
+          f"status_p50_ms={p50:.1f} status_p99_ms={p99:.1f} server_peak_rss_mb={rss:.0f} api_peak_rss_mb={api_rss:.0f} "
           f"over_queue={over_queue.split()[0]}")
 
 

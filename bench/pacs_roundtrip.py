@@ -62,7 +62,7 @@ def main() -> None:
     processing = sum(job["timings"].values())
     after_quiet = stored - last - args.stable
     print(f"send {args.slices} slices with storescu: {last - t0:.1f} s")
-    print(f"job timings: " + ", ".join(f"{k} {v:.2f}" for k, v in job["timings"].items()) + f" (sum {processing:.1f} s)")
+    print("job timings: " + ", ".join(f"{k} {v:.2f}" for k, v in job["timings"].items()) + f" (sum {processing:.1f} s)")
     print(f"last instance -> SEG in Orthanc: {stored - last:.1f} s, minus the quiet period {args.stable:g} s: "
           f"{after_quiet:.1f} s ({after_quiet / processing:.2f}x the job's processing time)")
     print(f"SUMMARY pacs_roundtrip slices={args.slices} last_instance_to_seg_minus_quiet_s={after_quiet:.1f} "

@@ -69,6 +69,7 @@ class SegmentationService:
             self.listener = DicomListener(settings, IncomingStore(settings.storage_dir), self.metrics, self.route_received)
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._waiting: set[str] = set()  # received series that wait for room in the queue
         self.ready = False
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -207,8 +208,11 @@ class SegmentationService:
         try:
             job = self.open_job(request)
         except ServiceUnavailable as err:  # full queue or no worker: the series waits and is tried again
-            log.warning("received series waits: %s", err)
+            if series.series_uid not in self._waiting:  # one line per series, not one per routing round
+                self._waiting.add(series.series_uid)
+                log.warning("a received series waits: %s", err)
             return
+        self._waiting.discard(series.series_uid)
         if not listener.incoming.take(series.series_uid, self.input_dir(job.id)):
             self.discard(job.id)
             return

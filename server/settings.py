@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.nodes import Node, Route, check_ae_title, check_unique_names
+from server.uploads import ZipLimits
 
 DEFAULT_BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
 
@@ -95,9 +96,7 @@ class Settings(BaseSettings):
         self.dicom_allowed_ae_titles = [check_ae_title(t) for t in self.dicom_allowed_ae_titles]
         return self
 
-    def zip_limits(self) -> "ZipLimits":
-        from server.uploads import ZipLimits
-
+    def zip_limits(self) -> ZipLimits:
         return ZipLimits(self.zip_max_unpacked_mb * 2**20, self.zip_max_members, self.zip_max_ratio, self.zip_max_depth)
 
     def destination(self, name: str) -> Node:

@@ -7,44 +7,16 @@ test skips saying which; under ``CI=true`` it fails instead, since CI installs t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
 import requests
+
+from common import free_port, require_tool, wait_for
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def require_tool(path: str | None, what: str) -> str:
-    """The tool's path; a failure under CI (it must be installed there), a skip elsewhere."""
-    if path:
-        return path
-    message = f"needs {what}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}: .ci/install-system-tools.sh should have installed it")
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout:.0f} s")
 
 
 class Orthanc:

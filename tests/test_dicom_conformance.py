@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from dicom_factory import series_from_image, to_bytes
 from server.app import create_app
 from server.settings import Settings
-from pacs import require_tool
+from common import require_tool
 from test_api import phantom, post, read_labelmap
 
 DCIODVFY = shutil.which("dciodvfy")

@@ -18,7 +18,7 @@ import pytest
 import requests
 from fastapi.testclient import TestClient
 
-from pacs import free_port, require_tool, wait_for
+from common import free_port, require_tool, wait_for
 from phantoms import make_phantom
 from server.app import create_app
 from server.settings import Settings

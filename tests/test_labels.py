@@ -8,7 +8,7 @@ from pydicom.sr._cid_dict import cid_concepts
 
 from models.bundle import load_bundle
 from models.labels import KNOWN_STRUCTURES, label_for
-from settings_paths import DEMO_BUNDLE
+from common import DEMO_BUNDLE
 
 
 def in_cid(cid: int, value: str) -> bool:

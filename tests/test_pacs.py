@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import requests
 from fastapi.testclient import TestClient
 
 from dicom_factory import compress_jpeg2000, series_from_image, to_bytes, write_files
-from pacs import Orthanc, dicomweb_node, dimse_destination, free_port, require_tool, wait_for
+from common import free_port, require_tool, wait_for
+from pacs import Orthanc, dicomweb_node, dimse_destination
 from server.app import create_app
 from server.settings import Settings
 from test_api import phantom

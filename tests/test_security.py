@@ -10,13 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
 from dicom_factory import series_from_image, to_bytes, zip_of
-from pacs import require_tool
+from common import require_tool
 from server.app import create_app
 from server.settings import Settings
 from test_api import phantom

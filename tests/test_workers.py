@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
+from common import wait_for
 from phantoms import make_phantom
 from test_api import nifti_bytes, phantom, post
 from test_api_errors import make_client
 
 
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def test_jobs_run_in_worker_processes(intensity_bundle, tmp_path):
