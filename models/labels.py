@@ -71,20 +71,24 @@ class Label:
         )
 
 
-# name -> (type code from CID 7151/7166, modifier, colour). Colours follow 3D Slicer's GenericAnatomyColors.
+# name -> (type code from CID 7151, modifier, colour). Colours: 3D Slicer's GenericAnatomyColors where its hues
+# tell abdominal neighbours apart (liver, spleen, IVC; arterial red, venous blue), others moved so that every two
+# abdominal labels differ by at least 30 CIELab units (Slicer gives liver, stomach, kidneys and aorta near-identical
+# reds): kidneys yellow (right) and orange (left), gallbladder green, stomach pink, pancreas cream, portal/splenic
+# vein cyan, adrenals violet (right) and olive (left). tests/test_labels.py checks the separation.
 KNOWN_STRUCTURES: dict[str, tuple[Code, Code | None, tuple[int, int, int]]] = {
     "spleen": (_code(codes.SCT.Spleen), None, (157, 108, 162)),
-    "kidney_right": (_code(codes.SCT.Kidney), RIGHT, (185, 102, 83)),
-    "kidney_left": (_code(codes.SCT.Kidney), LEFT, (185, 102, 83)),
-    "gallbladder": (_code(codes.SCT.Gallbladder), None, (139, 150, 98)),
+    "kidney_right": (_code(codes.SCT.Kidney), RIGHT, (255, 225, 25)),
+    "kidney_left": (_code(codes.SCT.Kidney), LEFT, (245, 130, 48)),
+    "gallbladder": (_code(codes.SCT.Gallbladder), None, (60, 180, 75)),
     "liver": (_code(codes.SCT.Liver), None, (221, 130, 101)),
-    "stomach": (_code(codes.SCT.Stomach), None, (216, 132, 105)),
-    "pancreas": (_code(codes.SCT.Pancreas), None, (249, 180, 111)),
-    "adrenal_gland_right": (_code(codes.SCT.AdrenalGland), RIGHT, (244, 186, 150)),
-    "adrenal_gland_left": (_code(codes.SCT.AdrenalGland), LEFT, (244, 186, 150)),
-    "aorta": (_code(codes.SCT.Aorta), None, (224, 97, 76)),
+    "stomach": (_code(codes.SCT.Stomach), None, (255, 170, 200)),
+    "pancreas": (_code(codes.SCT.Pancreas), None, (255, 250, 200)),
+    "adrenal_gland_right": (_code(codes.SCT.AdrenalGland), RIGHT, (145, 30, 180)),
+    "adrenal_gland_left": (_code(codes.SCT.AdrenalGland), LEFT, (128, 128, 0)),
+    "aorta": (_code(codes.SCT.Aorta), None, (220, 30, 40)),
     "inferior_vena_cava": (_code(codes.SCT.InferiorVenaCava), None, (0, 151, 206)),
-    "portal_vein_and_splenic_vein": (_code(codes.SCT.PortalVein), None, (0, 112, 165)),
+    "portal_vein_and_splenic_vein": (_code(codes.SCT.PortalVein), None, (0, 205, 190)),
     "esophagus": (_code(codes.SCT.Esophagus), None, (211, 171, 143)),
     "duodenum": (_code(codes.SCT.Duodenum), None, (255, 253, 229)),
     "small_bowel": (_code(codes.SCT.SmallIntestine), None, (205, 167, 142)),

@@ -6,12 +6,13 @@ import io
 
 import numpy as np
 import SimpleITK as sitk
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from models.labels import Label
 from models.volume import Volume
 
 PANEL = 256
+LEGEND_FONT = 14  # px: readable at the preview's size (PIL's default bitmap font is 8 px)
 
 
 def _canonical(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -47,20 +48,34 @@ def _panel(ct: np.ndarray, lab: np.ndarray, colors: np.ndarray, aspect: float) -
     return im.resize((max(1, int(w * scale)), max(1, int(h * aspect * scale))), Image.NEAREST)
 
 
+def _through_the_largest_label(lab: np.ndarray) -> tuple[int, int, int]:
+    """The centroid of the largest label (liver, in an abdomen): the three planes then cut through organs a person
+    can recognise, rather than a fixed index that may miss them all."""
+    counts = np.bincount(lab.ravel())  # the preview grid is small (at most PANEL^3)
+    counts[0] = 0
+    if not counts.any():
+        d, h, w = (n // 2 for n in lab.shape)
+        return d, h, w
+    voxels = np.argwhere(lab == int(np.argmax(counts)))
+    d, h, w = (int(round(v)) for v in voxels.mean(axis=0))
+    return d, h, w
+
+
 def render_preview(volume: Volume, labels: np.ndarray, label_defs: tuple[Label, ...]) -> bytes:
     ct, lab, (sd, sh, sw) = _canonical(volume, labels)
     colors = np.zeros((max([l.value for l in label_defs] + [0]) + 1, 3), dtype=np.float32)
     for label in label_defs:
         colors[label.value] = label.color
-    fg = np.argwhere(lab > 0)
-    cd, ch, cw = (fg.mean(0).astype(int) if len(fg) else np.array(lab.shape) // 2)
+    cd, ch, cw = _through_the_largest_label(lab)
     panels = [
         _panel(ct[cd], lab[cd], colors, sh / sw),  # axial: rows = y (A->P), columns = x (R->L)
         _panel(ct[::-1, ch, :], lab[::-1, ch, :], colors, sd / sw),  # coronal, superior up
         _panel(ct[::-1, :, cw], lab[::-1, :, cw], colors, sd / sh),  # sagittal, superior up
     ]
     present = [l for l in label_defs if (lab == l.value).any()]
-    legend_h = 16 * max(1, len(present)) + 8
+    font = ImageFont.load_default(size=LEGEND_FONT)
+    row = LEGEND_FONT + 6
+    legend_h = row * max(1, len(present)) + 8
     width = sum(p.width for p in panels) + 8 * 4
     height = max(p.height for p in panels) + 16 + legend_h
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
@@ -72,11 +87,11 @@ def render_preview(volume: Volume, labels: np.ndarray, label_defs: tuple[Label, 
         x += panel.width + 8
     y = 16 + max(p.height for p in panels) + 4
     for label in present:
-        draw.rectangle([8, y + 2, 18, y + 12], fill=tuple(label.color))
-        draw.text((24, y), label.name.replace("_", " "), fill=(230, 230, 230))
-        y += 16
+        draw.rectangle([8, y + 2, 8 + LEGEND_FONT, y + 2 + LEGEND_FONT], fill=tuple(label.color))
+        draw.text((16 + LEGEND_FONT, y), label.name.replace("_", " "), fill=(235, 235, 235), font=font)
+        y += row
     if not present:
-        draw.text((8, y), "no structure found", fill=(230, 230, 230))
+        draw.text((8, y), "no structure found", fill=(235, 235, 235), font=font)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()

@@ -39,3 +39,18 @@ def test_retired_and_wrong_codes_are_gone():
 def test_the_demo_bundle_carries_standard_codes():
     for label in load_bundle(DEMO_BUNDLE).labels:
         assert in_cid(7150, label.category.value) and label.type.meaning in meaning_of("SCT", label.type.value)
+
+
+def test_abdominal_labels_have_distinct_colours():
+    from itertools import combinations
+
+    import numpy as np
+
+    from server.dicom_seg import _rgb_to_lab
+
+    demo = load_bundle(DEMO_BUNDLE).labels
+    lab = {label.name: np.array(_rgb_to_lab(label.color).value, dtype=float) for label in demo}
+    # CIELab as DICOM stores it (0..65535): back to L* 0-100, a*/b* -128..127 before measuring distance
+    as_lab = {n: np.array([v[0] * 100 / 65535, v[1] * 255 / 65535 - 128, v[2] * 255 / 65535 - 128]) for n, v in lab.items()}
+    closest = min((float(np.linalg.norm(as_lab[a] - as_lab[b])), a, b) for a, b in combinations(as_lab, 2))
+    assert closest[0] >= 30, closest
