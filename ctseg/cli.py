@@ -9,6 +9,7 @@ import sys
 
 # (sub-command, module that defines add_parser)
 COMMANDS = (
+    ("pretrain-2d", "inflation.pretrain2d_cli"),
     ("inflate", "inflation.cli"),
     ("train", "inflation.train_cli"),
     ("export", "inflation.export_cli"),
