@@ -94,7 +94,7 @@ class SliceSegmenter(nn.Module):
         self.grid = img_size // patch
         dim = self.vit.embed_dim
         stages = int(round(math.log2(patch)))
-        width = [max(16, 128 >> i) for i in range(stages + 1)]
+        width = [max(16, 64 >> i) for i in range(stages + 1)]
         layers: list[nn.Module] = [nn.Conv2d(dim, width[0], 3, padding=1), nn.GroupNorm(8, width[0]), nn.GELU()]
         for i in range(stages):
             layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),

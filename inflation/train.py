@@ -299,6 +299,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
+    def named(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not metrics or metrics.get("per_class") is None:
+            return metrics
+        where = (f"the held-out depth slab {cfg.data.holdout_slab} of each case" if cfg.data.holdout_slab
+                 else f"{len(val_cases)} validation case(s)")
+        return {**metrics, "per_class_named": {l.name: v for l, v in zip(labels, metrics["per_class"])},
+                "measured": f"Dice per class on {where} (held-out, never trained on), sliding window at overlap "
+                            f"{cfg.train.sw_overlap} on the model grid ({spec.spacing} mm)"}
+
     def meta(metrics: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "name": cfg.name, "version": cfg.version, "description": cfg.description,
@@ -309,8 +318,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
                 "holdout_slab": cfg.data.holdout_slab, "steps": step, "batch_size": cfg.train.batch_size,
                 "world_size": env.world, "loss": cfg.train.loss, "lr": cfg.train.lr, "seed": cfg.train.seed,
                 "augment": asdict(cfg.augment), "device": env.device.type,
+                "seconds": round(time.time() - t0, 1),  # since data loading began (this run)
+                "recipe": {"model": asdict(cfg.model), "preprocess": asdict(cfg.preprocess), "train": asdict(cfg.train)},
             },
-            "metrics": metrics, "history": history, **init_meta,
+            "metrics": named(metrics), "history": history, **init_meta,
         }
 
     def save(name: str, metrics: dict[str, Any] | None) -> Path:
