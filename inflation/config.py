@@ -113,6 +113,10 @@ class TrainConfig:
             cfg.data.dataset = str((base / cfg.data.dataset).resolve())
         if not Path(cfg.output).is_absolute():
             cfg.output = str((base / cfg.output).resolve())
+        for attr in ("init_checkpoint", "weights"):  # files named in the config are relative to it, like the data
+            value = getattr(cfg.model, attr)
+            if value and not Path(value).is_absolute():
+                setattr(cfg.model, attr, str((base / value).resolve()))
         return cfg
 
     @classmethod

@@ -46,7 +46,8 @@ def test_pretrain_2d_saves_a_timm_checkpoint_that_inflates_and_trains(tmp_path):
 
     train_cfg = tiny_config(dataset, tmp_path / "run", steps=2, val_every=100, ckpt_every=100)
     train_cfg["data"]["val_cases"] = 0
-    train_cfg["model"] = {"name": "vit3d_tiny_patch16", "init_checkpoint": str(inflated / "inflated.pt")}
+    # relative to the config file (ctseg runs from the repository root): like the data and the output
+    train_cfg["model"] = {"name": "vit3d_tiny_patch16", "init_checkpoint": "inflated/inflated.pt"}
     train_cfg["preprocess"] = {"spacing": [3, 3, 3], "roi": [32, 32, 32]}
     proc = ctseg("train", str(write_config(tmp_path / "train.yaml", train_cfg)))
     assert proc.returncode == 0, proc.stderr
