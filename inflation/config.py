@@ -100,19 +100,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        cfg = _build(cls, raw, "config")
-        base = path.parent
-        if not Path(cfg.data.dataset).is_absolute():
-            cfg.data.dataset = str((base / cfg.data.dataset).resolve())
-        if not Path(cfg.output).is_absolute():
-            cfg.output = str((base / cfg.output).resolve())
+        cfg = load_config(cls, path)
+        base = Path(path).parent
         for attr in ("init_checkpoint", "weights"):  # files named in the config are relative to it, like the data
             value = getattr(cfg.model, attr)
             if value and not Path(value).is_absolute():
@@ -122,6 +111,27 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
         return _build(cls, raw, "config")
+
+
+def load_config(kind: Any, path: str | Path) -> Any:
+    """A YAML config as the dataclass ``kind`` (with ``data`` and ``output``); relative paths are taken from the
+    config's own folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    cfg = _build(kind, raw, "config")
+    if not isinstance(cfg.data, DataConfig):
+        raise ConfigError("config.data: a mapping with dataset and labels is required")
+    base = path.parent
+    if not Path(cfg.data.dataset).is_absolute():
+        cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+    if not Path(cfg.output).is_absolute():
+        cfg.output = str((base / cfg.output).resolve())
+    return cfg
 
 
 def _build(kind: Any, raw: Any, where: str) -> Any:

@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 import models.nets._torchvision_compat  # noqa: F401  (before timm)
 import timm
-from inflation.config import ConfigError, DataConfig, _build
+from inflation.config import ConfigError, DataConfig, load_config
 from inflation.data import discover, load_case, output_labels, split_cases
 from inflation.train import dice_per_class, lr_lambda, make_loss, seed_everything
 from models.preprocess import PreprocessSpec, Preprocessor
@@ -63,21 +62,7 @@ class Pretrain2DConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "Pretrain2DConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        cfg = _build(cls, raw, "config")
-        if not isinstance(cfg.data, DataConfig):
-            raise ConfigError("config.data: a mapping with dataset and labels is required")
-        base = path.parent
-        if not Path(cfg.data.dataset).is_absolute():
-            cfg.data.dataset = str((base / cfg.data.dataset).resolve())
-        if not Path(cfg.output).is_absolute():
-            cfg.output = str((base / cfg.output).resolve())
+        cfg = load_config(cls, path)
         if cfg.img_size % 16:
             raise ConfigError(f"img_size must be a multiple of 16 (the decoder upsamples by powers of 2); got {cfg.img_size}")
         return cfg
