@@ -18,7 +18,7 @@ COPY models ./models
 COPY server ./server
 COPY inflation ./inflation
 RUN pip install . \
-    && if [ "$EXTRA" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18"; fi \
+    && if [ "$EXTRA" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18" "onnx>=1.16"; fi \
     && python -c "import server.app, sys; assert 'torch' not in sys.modules"
 
 FROM ${BASE}

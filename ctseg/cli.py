@@ -13,6 +13,7 @@ COMMANDS = (
     ("inflate", "inflation.cli"),
     ("train", "inflation.train_cli"),
     ("export", "inflation.export_cli"),
+    ("check-precision", "inflation.check_precision_cli"),
     ("serve", "server.cli"),
     ("predict", "server.predict_cli"),
 )

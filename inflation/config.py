@@ -71,6 +71,10 @@ class TrainSection:
     # weight of background-centred crops against each class's (None: the number of classes, i.e. half the crops):
     # too few random crops teach a position-aware ViT that an organ sits at the window centre
     background_ratio: float | None = None
+    # per label name: crop-centre weight (default 1) and loss weight (default 1): more crops on, and a larger
+    # share of the loss for, the small organs a Dice on one scan is hard on (e.g. {kidney_left: 3})
+    class_ratios: dict[str, float] = field(default_factory=dict)
+    class_weights: dict[str, float] = field(default_factory=dict)
     lr: float = 3e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 50

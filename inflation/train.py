@@ -27,6 +27,7 @@ from inflation.checkpoint import read_checkpoint, save_checkpoint
 from inflation.config import ConfigError, TrainConfig
 from inflation.data import Case, discover, load_case, output_labels, split_cases
 from models.config import ModelConfig
+from models.labels import Label
 from models.nets import ViTSegmenter, create_model
 from models.preprocess import PreprocessSpec, Preprocessor
 from models.registry import model_config
@@ -107,8 +108,22 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[ViTSegmenter, dict[
 
 
 # ----------------------------------------------------------------------------------------------- data
-def build_transforms(cfg: TrainConfig, num_classes: int):
+def per_class(values: dict[str, float], labels: list[Label], what: str) -> list[float]:
+    """A {label name: value} mapping as one value per foreground class (1.0 where not named)."""
+    names = [label.name for label in labels]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"train.{what} names {unknown}, which are not among the labels {names}")
+    bad = {k: v for k, v in values.items() if not isinstance(v, (int, float)) or v <= 0}
+    if bad:
+        raise ConfigError(f"train.{what} values must be positive numbers; got {bad}")
+    return [float(values.get(name, 1.0)) for name in names]
+
+
+def build_transforms(cfg: TrainConfig, labels: list[Label]):
     from monai import transforms as T
+
+    num_classes = len(labels) + 1
 
     roi = list(cfg.preprocess.roi)
     a = cfg.augment
@@ -120,7 +135,7 @@ def build_transforms(cfg: TrainConfig, num_classes: int):
         T.RandCropByLabelClassesd(
             keys, label_key="label", spatial_size=crop_roi, num_classes=num_classes,
             ratios=[cfg.train.background_ratio if cfg.train.background_ratio is not None else num_classes - 1.0]
-            + [1.0] * (num_classes - 1),
+            + per_class(cfg.train.class_ratios, labels, "class_ratios"),
             num_samples=cfg.train.crops_per_case, allow_smaller=False, warn=False, indices_key=INDICES_KEY,
         ),
     ]
@@ -223,13 +238,15 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def make_loss(kind: str) -> nn.Module:
+def make_loss(kind: str, class_weights: list[float] | None = None) -> nn.Module:
+    """``class_weights``: one per class, background first (None: all 1)."""
     from monai.losses import DiceCELoss, DiceFocalLoss
 
+    weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
     if kind == "dicece":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     if kind == "dicefocal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weight)
     raise ConfigError(f"train.loss must be 'dicece' or 'dicefocal'; got {kind!r}")
 
 
@@ -262,7 +279,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
     if env.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
-    transform = build_transforms(cfg, num_classes)
+    transform = build_transforms(cfg, labels)
     transform.set_random_state(seed=cfg.train.seed + env.rank)
     steps_total = cfg.train.steps
     epoch_len = max(len(train_cases), cfg.train.batch_size * env.world * 4)
@@ -273,7 +290,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, steps_total))
-    loss_fn = make_loss(cfg.train.loss)
+    weights = per_class(cfg.train.class_weights, labels, "class_weights")
+    loss_fn = make_loss(cfg.train.loss, [1.0, *weights] if cfg.train.class_weights else None).to(env.device)
     use_amp = env.device.type == "cuda" and cfg.train.amp
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step = 0

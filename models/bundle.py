@@ -14,6 +14,7 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.labels import Label
+from models.precision import Precision, PrecisionCheck, parse_checks
 from models.preprocess import PreprocessSpec
 
 MANIFEST = "ctseg.json"
@@ -46,6 +47,7 @@ class Bundle:
     labels: tuple[Label, ...]
     files: dict[str, str]
     manifest: dict[str, Any] = field(repr=False)
+    precisions: dict[Precision, PrecisionCheck] = field(default_factory=dict)  # export's parity checks
 
     @property
     def onnx_path(self) -> Path:
@@ -100,8 +102,9 @@ def load_bundle(directory: str | Path, verify_checksums: bool = True) -> Bundle:
         model = ModelConfig.from_dict(manifest["model"])
         preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
         labels = tuple(Label.from_dict(item) for item in manifest["labels"])
+        precisions = parse_checks(manifest.get("precisions"))
     except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{path}: invalid model/preprocess/labels section: {err}") from None
+        raise BundleError(f"{path}: invalid model/preprocess/labels/precisions section: {err}") from None
     values = [label.value for label in labels]
     if sorted(values) != list(range(1, model.num_classes)):
         raise BundleError(
@@ -111,5 +114,5 @@ def load_bundle(directory: str | Path, verify_checksums: bool = True) -> Bundle:
     return Bundle(
         path=directory, name=str(manifest["name"]), version=str(manifest["version"]),
         modality=str(manifest["modality"]), model=model, preprocess=preprocess, labels=labels, files=dict(files),
-        manifest=manifest,
+        manifest=manifest, precisions=precisions,
     )

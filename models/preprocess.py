@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from models.axes import Triple, as_float_triple, as_triple
+from models.body_mask import body_mask
 from models.volume import Geometry, Volume
 
 AIR_HU = -1024.0
@@ -58,6 +59,7 @@ class Prepared:
     model_geometry: Geometry  # geometry of the unpadded model-grid array
     source_geometry: Geometry  # the input's grid: where the inverse lands
     pad: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    body: np.ndarray | None = None  # bool [D, H, W] like ``array``: the patient (models/body_mask.py)
 
 
 def reorient(image: sitk.Image, orientation: str = CANONICAL_ORIENTATION) -> sitk.Image:
@@ -112,12 +114,15 @@ class Preprocessor:
         # Interpolated straight into float32: no full-resolution float copy of an integer CT.
         return resample_to_spacing(oriented, self.spec.spacing, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
 
-    def forward(self, image: sitk.Image) -> Prepared:
+    def forward(self, image: sitk.Image, with_body: bool = False) -> Prepared:
+        """``with_body``: also find the patient on the model grid (in HU, before the window), for window skipping."""
         source = Geometry.of(image)
         grid = self.to_model_grid(image)
-        array = scale_intensity(sitk.GetArrayViewFromImage(grid), self.spec.window)
+        hu = sitk.GetArrayViewFromImage(grid)
+        array = scale_intensity(hu, self.spec.window)
         padded, pads = pad_to(array, self.spec.roi, 0.0)  # 0 = the window's low end (air)
-        return Prepared(np.ascontiguousarray(padded), Geometry.of(grid), source, pads)
+        body = pad_to(body_mask(hu), self.spec.roi, False)[0] if with_body else None
+        return Prepared(np.ascontiguousarray(padded), Geometry.of(grid), source, pads, body)
 
     def forward_labels(self, labels: sitk.Image) -> np.ndarray:
         grid = self.to_model_grid(labels, is_label=True)

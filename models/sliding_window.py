@@ -1,8 +1,8 @@
 """Sliding-window inference over a whole volume, torch-free.
 
 One implementation for training-time validation (a torch model behind the callable) and the service (ONNX
-Runtime behind it). Gaussian importance weighting as in nnU-Net/MONAI; several windows per call; windows that
-hold only air (every voxel at the intensity window's floor) are skipped; logits accumulate in float32 or float16.
+Runtime behind it). Gaussian importance weighting as in nnU-Net/MONAI; several windows per call; given a body mask
+(models/body_mask.py), windows with no voxel of the patient are skipped; logits accumulate in float32 or float16.
 2.5D models predict the centre slice of their window: then windows step one slice at a time in depth.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.axes import Triple
+from models.body_mask import WindowOccupancy
 
 WindowFn = Callable[[np.ndarray], np.ndarray]  # (N, 1, *roi) float32 -> (N, K, *out_size) logits
 ProgressFn = Callable[[int, int], None]
@@ -52,8 +53,6 @@ class SlidingWindow:
     overlap: float = 0.5
     batch_size: int = 4
     accumulate_dtype: type = np.float32
-    skip_empty: bool = True
-    empty_value: float = 0.0  # preprocessed intensity of air (the window's floor)
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -69,15 +68,25 @@ class SlidingWindow:
         per_axis = [window_starts(s, o, st) for s, o, st in zip(shape, self.out_size, steps)]
         return [tuple(p) for p in itertools.product(*per_axis)]  # type: ignore[misc]
 
-    def __call__(self, volume: np.ndarray, predict: WindowFn, progress: ProgressFn | None = None) -> np.ndarray:
-        """``volume`` [D, H, W] float32, at least ROI-sized in-plane -> labels [D, H, W] (uint8 or uint16)."""
+    def __call__(self, volume: np.ndarray, predict: WindowFn, progress: ProgressFn | None = None,
+                 body: np.ndarray | None = None) -> np.ndarray:
+        """``volume`` [D, H, W] float32, at least ROI-sized in-plane -> labels [D, H, W] (uint8 or uint16).
+
+        ``body``: bool [D, H, W]; windows holding none of it are not run, and voxels that only such windows cover
+        are background. None: every window runs.
+        """
         if volume.ndim != 3:
             raise ValueError(f"expected a [D, H, W] volume; got shape {volume.shape}")
+        if body is not None and body.shape != volume.shape:
+            raise ValueError(f"body mask {body.shape} does not match the volume {volume.shape}")
         if any(s < o for s, o in zip(volume.shape, self.out_size)):
             raise ValueError(f"volume {volume.shape} is smaller than the output window {self.out_size}; pad it first")
         # Pad so that every output position has a full input window around it (2.5D: slices above and below).
         pads = [(off, r - o - off) for off, r, o in zip(self.out_offset, self.roi, self.out_size)]
         padded = np.pad(volume, pads, mode="edge") if any(sum(p) for p in pads) else volume
+        occupancy = None
+        if body is not None:
+            occupancy = WindowOccupancy(np.pad(body, pads, mode="edge") if any(sum(p) for p in pads) else body)
         shape: Triple = tuple(volume.shape)  # type: ignore[assignment]
         acc = np.zeros((self.num_classes, *shape), dtype=self.accumulate_dtype)
         weight = np.zeros(shape, dtype=np.float32)
@@ -102,12 +111,11 @@ class SlidingWindow:
 
         skipped = 0
         for d, h, w in starts:
-            window = padded[d:d + self.roi[0], h:h + self.roi[1], w:w + self.roi[2]]
-            if self.skip_empty and window.max() <= self.empty_value:
+            if occupancy is not None and not occupancy.any((d, h, w), self.roi):
                 skipped += 1
                 done += 1
                 continue
-            batch[len(pending), 0] = window
+            batch[len(pending), 0] = padded[d:d + self.roi[0], h:h + self.roi[1], w:w + self.roi[2]]
             pending.append((d, h, w))
             if len(pending) == self.batch_size:
                 flush()
@@ -116,6 +124,18 @@ class SlidingWindow:
         elif progress:
             progress(done, len(starts))
         self.last_stats = {"windows": len(starts), "skipped": skipped}
-        labels = np.argmax(acc, axis=0)
-        labels[weight == 0] = 0  # covered only by skipped (all-air) windows: background
-        return labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
+        labels = argmax_classes(acc, np.uint8 if self.num_classes <= 256 else np.uint16)
+        labels[weight == 0] = 0  # covered only by skipped windows (outside the body): background
+        return labels
+
+
+def argmax_classes(scores: np.ndarray, dtype: type) -> np.ndarray:
+    """``np.argmax(scores, axis=0)`` for [K, D, H, W] scores, one contiguous pass per class: 5x faster than numpy's
+    strided reduction over the class axis (0.96 -> 0.19 s for 13 x 112 x 202 x 244 here), same ties (first class wins)."""
+    best = scores[0].copy()
+    labels = np.zeros(scores.shape[1:], dtype=dtype)
+    for k in range(1, len(scores)):
+        higher = scores[k] > best
+        np.copyto(labels, k, where=higher)
+        np.maximum(best, scores[k], out=best)
+    return labels

@@ -20,9 +20,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from models.bundle import BundleError, load_bundle
+    from models.bundle import BundleError
     from server.app import create_app
-    from server.engine import discover_bundles
+    from models.backends import EngineUnavailable
+    from server.engine import discover_bundles, engines_from_settings
     from server.settings import Settings
 
     log = logging.getLogger("ctseg.serve")
@@ -32,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
         found = discover_bundles(settings.bundle_dirs)
         if not found:
             raise BundleError(f"no model bundle found in {', '.join(map(str, settings.bundle_dirs))} (CTSEG_BUNDLE_DIRS)")
-        for path in found:
-            load_bundle(path)  # checksums and manifest, before the server binds its port
-    except (BundleError, ValidationError, ValueError) as err:
+        # checksums, manifests, engine and precision: before the server binds its port
+        engines_from_settings(settings)
+    except (BundleError, EngineUnavailable, ValidationError, ValueError) as err:
         log.error("%s", err)
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

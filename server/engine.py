@@ -1,4 +1,4 @@
-"""The inference engine: a bundle, an ONNX Runtime session, sliding-window inference; torch-free.
+"""The inference engine: a bundle, an inference backend, sliding-window inference; torch-free.
 
 Loaded once at start-up and warmed up; ``segment`` takes a volume on any grid and returns labels on exactly
 that grid (shape, spacing, origin, direction), through the bundle's own preprocessing contract.
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from models.bundle import Bundle, BundleError, load_bundle
 from models.preprocess import Preprocessor
 from models.sliding_window import SlidingWindow
 from models.volume import Volume
+from models.backends import Backend, choose, open_backend
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,29 +35,23 @@ class Timings:
         self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 4)
 
 
-def choose_providers(device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        log.warning("CUDA was asked for but onnxruntime has no CUDA provider (install the 'gpu' extra); using CPU")
-    return ["CPUExecutionProvider"]
-
-
 class Engine:
-    """One bundle served by one ONNX Runtime session.
+    """One bundle served by one inference backend (server/backends.py).
 
-    The session is created on first use (``warm_up``): a service whose jobs run in worker processes keeps its
-    engines in the API process for the bundle's facts only, and each worker process opens its own session.
+    The engine and precision are chosen at construction (a named one that cannot run here is an error at start-up);
+    the backend is opened on first use (``warm_up``): a service whose jobs run in worker processes keeps its
+    engines in the API process for the bundle's facts only, and each worker process opens its own backend.
     """
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, overlap: float = 0.25,
-                 batch_size: int = 4, float16_accumulation: bool = False) -> None:
+                 batch_size: int = 4, float16_accumulation: bool = False, engine: str = "auto",
+                 precision: str = "auto", trt_cache_dir: Path | None = None, skip_outside_body: bool = True) -> None:
         self.bundle = bundle
         self.threads = threads or (os.cpu_count() or 1)
-        self.providers = choose_providers(device)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self._session: ort.InferenceSession | None = None
+        self.choice = choose(engine, precision, device, bundle.precisions)
+        self.trt_cache_dir = trt_cache_dir
+        self.skip_outside_body = skip_outside_body
+        self._backend: Backend | None = None
         self._lock = threading.Lock()
         self.preprocessor = Preprocessor(bundle.preprocess)
         cfg = bundle.model
@@ -70,39 +64,35 @@ class Engine:
         return cls(load_bundle(path), **kwargs)  # type: ignore[arg-type]
 
     @property
-    def session(self) -> ort.InferenceSession:
+    def device(self) -> str:
+        return self.choice.device
+
+    @property
+    def backend(self) -> Backend:
         with self._lock:
-            if self._session is None:
-                opts = ort.SessionOptions()
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-                session = ort.InferenceSession(str(self.bundle.onnx_path), sess_options=opts, providers=self.providers)
-                self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-                log.info("model %s %s on %s (providers %s)", self.bundle.name, self.bundle.version, self.device,
-                         session.get_providers())
-                self.input_name = session.get_inputs()[0].name
-                self._session = session
-            return self._session
+            if self._backend is None:
+                log.info("model %s: %s (%s)", self.bundle.name, self.choice.describe(), self.choice.reason)
+                self._backend = open_backend(self.bundle, self.choice, self.threads, self.window.batch_size,
+                                             self.trt_cache_dir)
+            return self._backend
 
     def predict_windows(self, batch: np.ndarray) -> np.ndarray:
-        session = self.session
-        return session.run(None, {self.input_name: batch})[0]
+        return self.backend(batch)
 
     def warm_up(self) -> float:
         start = time.perf_counter()
         cfg = self.bundle.model
-        self.predict_windows(np.zeros((1, cfg.in_chans, *cfg.img_size), dtype=np.float32))
+        self.predict_windows(np.zeros((self.window.batch_size, cfg.in_chans, *cfg.img_size), dtype=np.float32))
         self.ready = True
         return time.perf_counter() - start
 
     def segment(self, volume: Volume, progress: ProgressFn | None = None, timings: Timings | None = None) -> Volume:
         timings = timings or Timings()
         t = time.perf_counter()
-        prepared = self.preprocessor.forward(volume.to_sitk())
+        prepared = self.preprocessor.forward(volume.to_sitk(), with_body=self.skip_outside_body)
         timings.add("preprocess", time.perf_counter() - t)
         t = time.perf_counter()
-        labels = self.window(prepared.array, self.predict_windows, progress)
+        labels = self.window(prepared.array, self.predict_windows, progress, body=prepared.body)
         timings.add("inference", time.perf_counter() - t)
         t = time.perf_counter()
         out = self.preprocessor.inverse(labels, prepared)
@@ -137,4 +127,6 @@ def engines_from_settings(settings: Settings) -> dict[str, Engine]:
     """The service's, the workers' and ``ctseg predict``'s engines: one reading of the settings."""
     return load_engines(settings.bundle_dirs, device=settings.device, threads=settings.ort_threads,
                         overlap=settings.sw_overlap, batch_size=settings.sw_batch,
-                        float16_accumulation=settings.accumulate_float16)
+                        float16_accumulation=settings.accumulate_float16, engine=settings.engine,
+                        precision=settings.precision,
+                        trt_cache_dir=settings.trt_cache_dir or settings.storage_dir / "tensorrt")

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from server.vocabulary import parse_outputs
     from server.settings import Settings
     from models.bundle import BundleError
+    from models.backends import EngineUnavailable
 
     overrides = {k: v for k, v in (("bundle_dirs", args.bundles), ("device", args.device)) if v}
     try:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyError:
         log.error("unknown model %r; available: %s", args.model, ", ".join(sorted(engines)))
         return 2
-    except (BundleError, InputError, ValueError) as err:
+    except (BundleError, EngineUnavailable, InputError, ValueError) as err:
         log.error("%s", err)
         return 2
     failures = 0

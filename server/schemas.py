@@ -124,7 +124,10 @@ class ModelOut(BaseModel):
     default: bool
     modality: str
     description: str
-    device: str
+    device: str = Field(description="cpu or cuda")
+    engine: str = Field(description="inference backend: onnxruntime, openvino, cuda or tensorrt")
+    precision: str = Field(description="fp32, bf16 or fp16")
+    precision_reason: str = Field(description="why this precision (parity check figures, or why not lower)")
     roi: list[int] = Field(description="(D, H, W) voxels")
     spacing: list[float] = Field(description="(D, H, W) mm")
     orientation: str

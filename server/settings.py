@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.precision import Precision
+from models.backends import DevicePreference, EngineKind
 from server.nodes import Node, Route, check_ae_title, check_unique_names
 from server.uploads import ZipLimits
 
@@ -20,8 +22,15 @@ class Settings(BaseSettings):
     bundle_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [DEFAULT_BUNDLES],
                                     description="bundle directories, or folders holding several bundles")
     default_model: str | None = Field(None, description="model used when a request names none (default: first)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    device: DevicePreference = Field(DevicePreference.AUTO, description="cuda: use a GPU where there is one, else "
+                                     "log it and serve on the CPU; cpu: never a GPU")
+    engine: EngineKind = Field(EngineKind.AUTO, description="inference backend (auto: cuda where onnxruntime-gpu "
+                               "sees a GPU, else openvino, else onnxruntime); a named one that cannot run here stops "
+                               "the start-up")
+    precision: Precision = Field(Precision.AUTO, description="auto: the lowest precision the bundle's export-time "
+                                 "parity check passed for the engine (bf16 on a CPU with BF16, fp16 on CUDA), else fp32")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default: <storage_dir>/tensorrt)")
+    ort_threads: int = Field(0, ge=0, description="inference threads, ONNX Runtime or OpenVINO (0: one per core)")
     sw_overlap: float = Field(0.25, ge=0, lt=1)
     sw_batch: int = Field(4, ge=1)
     accumulate_float16: bool = False

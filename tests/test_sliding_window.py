@@ -46,7 +46,7 @@ def test_2p5d_predicts_every_slice_from_its_centre_window():
     assert done[-1] == (7, 7)
 
 
-def test_air_windows_are_skipped_and_background():
+def test_windows_outside_the_body_are_skipped_and_background():
     vol = np.zeros((16, 16, 32), dtype=np.float32)
     vol[:, :, 20:] = 1.0
     calls = []
@@ -56,7 +56,7 @@ def test_air_windows_are_skipped_and_background():
         return threshold_model(2, (16, 16, 16), (16, 16, 16))(batch)
 
     sw = SlidingWindow((16, 16, 16), (16, 16, 16), 2, overlap=0.0, batch_size=1)
-    labels = sw(vol, predict)
+    labels = sw(vol, predict, body=vol > 0)
     assert sw.last_stats == {"windows": 2, "skipped": 1} and sum(calls) == 1
     assert labels[:, :, :16].max() == 0 and labels[:, :, 20:].min() == 1
 
@@ -76,3 +76,12 @@ def test_importance_map_and_bad_settings():
         SlidingWindow((8, 8, 8), (8, 8, 8), 2, overlap=1.0)
     with pytest.raises(ValueError, match="smaller than the output window"):
         SlidingWindow((8, 8, 8), (8, 8, 8), 2)(np.zeros((4, 8, 8), np.float32), lambda b: b)
+
+
+def test_argmax_classes_is_numpys_argmax_ties_included():
+    from models.sliding_window import argmax_classes
+
+    scores = np.random.default_rng(3).random((6, 4, 5, 7), dtype=np.float32)
+    scores[4, :2] = scores[2, :2]  # ties: the first class wins, as in numpy
+    scores[:, 3] = 0.5  # all tied
+    assert np.array_equal(argmax_classes(scores, np.uint8), np.argmax(scores, axis=0))

@@ -18,6 +18,8 @@ def list_models(service: ServiceDep) -> ModelsOut:
         out.append(ModelOut(
             name=name, version=b.version, default=name == service.default_model, modality=b.modality,
             description=str(b.manifest.get("description", "")), device=engine.device,
+            engine=engine.choice.engine.value, precision=engine.choice.precision.value,
+            precision_reason=engine.choice.reason,
             roi=list(b.model.img_size), spacing=list(b.preprocess.spacing), orientation=b.preprocess.orientation,
             intensity_window=list(b.preprocess.window), mode=b.model.mode,
             labels=[LabelOut(value=label.value, name=label.name, color=list(label.color),

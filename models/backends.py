@@ -1,0 +1,275 @@
+"""Inference backends behind one interface: ONNX Runtime (CPU, CUDA, TensorRT) and OpenVINO (CPU), all reading
+the bundle's one ``model.onnx``; torch-free.
+
+Why several: on this project's CPU (AVX-512 with BF16 and VNNI, 2 cores) the same windows run 1.3-1.7x faster than
+eager PyTorch through ONNX Runtime, about 2.1x through OpenVINO in fp32 and 3.0-3.8x through OpenVINO in bf16
+(bench/README.md). On a GPU, ONNX Runtime's CUDA provider with the windows bound to preallocated device buffers
+(IO binding), in fp16 where the bundle's parity check allows, and optionally TensorRT with an engine cache on disk.
+
+Choosing (``choose``) is separate from opening (``open_backend``): the API process chooses at start-up, so a backend
+or a precision asked for by name and not available here is a start-up error naming it, while the sessions are
+opened where inference runs (each worker process). ``CTSEG_DEVICE=cuda`` is a preference: without CUDA the service
+logs it and serves on the CPU. ``CTSEG_ENGINE=cuda`` or ``tensorrt`` is a demand: without CUDA it does not start.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from models.bundle import Bundle
+from models.precision import Precision, PrecisionCheck
+
+log = logging.getLogger(__name__)
+
+CUDA_EP = "CUDAExecutionProvider"
+TENSORRT_EP = "TensorrtExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+class EngineKind(str, Enum):
+    """``auto``: CUDA where onnxruntime-gpu sees a GPU, else OpenVINO where installed, else ONNX Runtime on CPU."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"  # CPU
+    OPENVINO = "openvino"  # CPU
+    CUDA = "cuda"  # ONNX Runtime, CUDA execution provider
+    TENSORRT = "tensorrt"  # ONNX Runtime, TensorRT execution provider (CUDA for what TensorRT does not take)
+
+
+class DevicePreference(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine or a precision asked for by name cannot run here; raised at start-up."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What this machine offers to inference, probed once per process."""
+
+    ort_providers: tuple[str, ...]
+    openvino_version: str | None
+    openvino_cpu_caps: tuple[str, ...]  # OpenVINO's CPU OPTIMIZATION_CAPABILITIES, e.g. FP32, BF16, INT8
+
+    @property
+    def cuda(self) -> bool:
+        return CUDA_EP in self.ort_providers
+
+    @staticmethod
+    @functools.cache
+    def probe() -> "Hardware":
+        import onnxruntime as ort
+
+        version, caps = None, ()
+        try:
+            import openvino as ov
+
+            version = ov.__version__
+            caps = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        except ImportError:
+            pass
+        return Hardware(tuple(ort.get_available_providers()), version, caps)
+
+
+# precisions each engine can run, given the hardware
+def supported_precisions(kind: EngineKind, hw: Hardware) -> tuple[Precision, ...]:
+    if kind == EngineKind.OPENVINO:
+        lower = [p for p, cap in ((Precision.BF16, "BF16"), (Precision.FP16, "FP16")) if cap in hw.openvino_cpu_caps]
+        return (Precision.FP32, *lower)
+    if kind in (EngineKind.CUDA, EngineKind.TENSORRT):
+        return Precision.FP32, Precision.FP16
+    return (Precision.FP32,)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The engine, precision and device serving one bundle, and why."""
+
+    engine: EngineKind
+    precision: Precision
+    reason: str
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.engine in (EngineKind.CUDA, EngineKind.TENSORRT) else "cpu"
+
+    def describe(self) -> str:
+        return f"{self.engine.value} {self.device} {self.precision.value}"
+
+
+def choose(engine: EngineKind | str, precision: Precision | str, device: DevicePreference | str,
+           checks: dict[Precision, PrecisionCheck], hw: Hardware | None = None) -> Choice:
+    """Pick the engine and precision for one bundle; raises :class:`EngineUnavailable` for a named one absent here."""
+    engine, precision, device = EngineKind(engine), Precision(precision), DevicePreference(device)
+    hw = hw or Hardware.probe()
+    if engine in (EngineKind.CUDA, EngineKind.TENSORRT):
+        if device == DevicePreference.CPU:
+            raise EngineUnavailable(f"CTSEG_ENGINE={engine.value} runs on a GPU but CTSEG_DEVICE=cpu")
+        needed = CUDA_EP if engine == EngineKind.CUDA else TENSORRT_EP
+        if needed not in hw.ort_providers:
+            raise EngineUnavailable(
+                f"CTSEG_ENGINE={engine.value}: onnxruntime has no {needed} here (providers: "
+                f"{', '.join(hw.ort_providers)}); install onnxruntime-gpu (the 'gpu' extra) on a machine with CUDA"
+                + (" and TensorRT" if engine == EngineKind.TENSORRT else ""))
+    if engine == EngineKind.OPENVINO and hw.openvino_version is None:
+        raise EngineUnavailable("CTSEG_ENGINE=openvino: the openvino package is not installed")
+    if engine == EngineKind.AUTO:
+        if device != DevicePreference.CPU and hw.cuda:
+            engine = EngineKind.CUDA
+        else:
+            if device == DevicePreference.CUDA:
+                log.warning("CUDA was asked for (CTSEG_DEVICE=cuda) but onnxruntime has no CUDA provider here "
+                            "(install the 'gpu' extra on a machine with CUDA); serving on the CPU")
+            engine = EngineKind.OPENVINO if hw.openvino_version else EngineKind.ONNXRUNTIME
+    supported = supported_precisions(engine, hw)
+    if precision != Precision.AUTO:
+        if precision not in supported:
+            raise EngineUnavailable(
+                f"CTSEG_PRECISION={precision.value} is not available with engine {engine.value} on this machine "
+                f"(available: {', '.join(p.value for p in supported)})")
+        check = checks.get(precision)
+        if precision != Precision.FP32 and not (check and check.passed):
+            log.warning("precision %s asked for by name although the bundle's parity check %s", precision.value,
+                        "failed" if check else "never measured it")
+        return Choice(engine, precision, "asked for")
+    for lower in supported[1:]:
+        check = checks.get(lower)
+        if check and check.passed:
+            return Choice(engine, lower, f"{lower.value} passed the bundle's parity check (argmax agreement "
+                                         f"{check.argmax_agreement:.4%}, min class Dice {check.min_class_dice})")
+    why = "; ".join(f"{p.value}: " + ("failed the parity check" if checks.get(p) else "not checked at export")
+                    for p in supported[1:]) or f"{engine.value} runs fp32 only"
+    return Choice(engine, Precision.FP32, why)
+
+
+class Backend(ABC):
+    """Runs a batch of windows. The returned logits may be a view of the backend's own buffer: valid until the
+    next call (the sliding window consumes them at once)."""
+
+    choice: Choice
+
+    @abstractmethod
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime: CPU, CUDA or TensorRT. With ``io_binding``, the input and output live in preallocated
+    buffers on the session's device (one pair per batch size seen), bound once: no allocation per call, and on a
+    GPU the logits are copied back once per batch."""
+
+    def __init__(self, bundle: Bundle, choice: Choice, threads: int, trt_cache_dir: Path | None = None,
+                 io_binding: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        self.choice = choice
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        model: str | bytes = str(bundle.onnx_path)
+        providers: list = [CPU_EP]
+        if choice.engine == EngineKind.CUDA:
+            providers = [(CUDA_EP, {"device_id": 0}), CPU_EP]
+            if choice.precision == Precision.FP16:
+                model = float16_graph(bundle.onnx_path)
+        elif choice.engine == EngineKind.TENSORRT:
+            trt = {"device_id": 0, "trt_fp16_enable": choice.precision == Precision.FP16}
+            if trt_cache_dir is not None:
+                trt_cache_dir.mkdir(parents=True, exist_ok=True)
+                trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(trt_cache_dir)}
+            providers = [(TENSORRT_EP, trt), (CUDA_EP, {"device_id": 0}), CPU_EP]
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        active = self.session.get_providers()
+        if choice.device == "cuda" and CUDA_EP not in active:
+            raise EngineUnavailable(f"{choice.engine.value}: the session opened without CUDA (providers {active})")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.device_type = "cuda" if choice.device == "cuda" else "cpu"
+        self.io_binding = choice.device == "cuda" if io_binding is None else io_binding
+        self.out_shape = (bundle.model.num_classes, *bundle.model.out_size)
+        self._bound: dict[int, tuple] = {}
+        log.info("model %s %s: %s (providers %s, IO binding %s)", bundle.name, bundle.version, choice.describe(),
+                 active, "on" if self.io_binding else "off")
+
+    def _binding(self, n: int, sample_shape: tuple[int, ...]) -> tuple:
+        import onnxruntime as ort
+
+        if n not in self._bound:
+            x = ort.OrtValue.ortvalue_from_shape_and_type((n, *sample_shape), np.float32, self.device_type, 0)
+            y = ort.OrtValue.ortvalue_from_shape_and_type((n, *self.out_shape), np.float32, self.device_type, 0)
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(self.input_name, x)
+            binding.bind_ortvalue_output(self.output_name, y)
+            self._bound[n] = (binding, x, y)
+        return self._bound[n]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        binding, x, y = self._binding(len(batch), batch.shape[1:])
+        x.update_inplace(np.ascontiguousarray(batch))
+        self.session.run_with_iobinding(binding)
+        return y.numpy()
+
+
+def float16_graph(onnx_path: Path) -> bytes:
+    """The bundle's graph with fp16 weights and arithmetic, fp32 at its input and output (so the windows and the
+    logits keep their dtype). Built in memory with onnxruntime's own converter: the bundle stays one ONNX file. The
+    export-time parity check (inflation/export.py) runs exactly this graph."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True).SerializeToString()
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on the CPU, compiled for a static batch (faster kernels than a dynamic shape; a short last batch is
+    padded), at the chosen inference precision (bf16 runs on the CPU's AVX-512 BF16 / AMX units)."""
+
+    def __init__(self, bundle: Bundle, choice: Choice, threads: int, batch_size: int) -> None:
+        import openvino as ov
+
+        self.choice = choice
+        cfg = bundle.model
+        core = ov.Core()
+        model = core.read_model(str(bundle.onnx_path))
+        model.reshape({model.inputs[0]: ov.PartialShape([batch_size, cfg.in_chans, *cfg.img_size])})
+        hint = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.FP16: "f16"}[choice.precision]
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.batch_size = batch_size
+        self._padded = np.zeros((batch_size, cfg.in_chans, *cfg.img_size), dtype=np.float32)
+        log.info("model %s %s: %s (OpenVINO %s, static batch %d)", bundle.name, bundle.version, choice.describe(),
+                 ov.__version__, batch_size)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} windows exceeds the compiled batch {self.batch_size}")
+        if n < self.batch_size:
+            self._padded[:n] = batch
+            self._padded[n:] = 0
+            batch = self._padded
+        self.request.infer({0: batch}, share_inputs=True)
+        return self.request.get_output_tensor(0).data[:n]
+
+
+def open_backend(bundle: Bundle, choice: Choice, threads: int, batch_size: int,
+                 trt_cache_dir: Path | None = None) -> Backend:
+    if choice.engine == EngineKind.OPENVINO:
+        return OpenVinoBackend(bundle, choice, threads, batch_size)
+    return OrtBackend(bundle, choice, threads, trt_cache_dir)

@@ -1,0 +1,199 @@
+"""Inference backends: each one available here against ONNX Runtime fp32 on a real CT; choosing engines and
+precisions, and refusing named ones that cannot run; IO binding; the export-time parity check; GPU paths where a
+GPU is present (reported as skipped, with the reason, where not)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from common import DEMO_BUNDLE, REPO
+from models.backends import (CPU_EP, CUDA_EP, TENSORRT_EP, Choice, EngineKind, EngineUnavailable, Hardware,
+                             OrtBackend, choose, supported_precisions)
+from models.bundle import BundleError, load_bundle
+from models.precision import MIN_AGREEMENT, MIN_CLASS_DICE, Precision, PrecisionCheck
+from server.engine import Engine
+
+FIXTURE_CT = Path(__file__).resolve().parent / "fixtures" / "ct_abdomen_slab" / "ct.nii.gz"
+HW = Hardware.probe()
+CPU_ONLY = Hardware((CPU_EP,), None, ())
+OPENVINO_BF16 = Hardware((CPU_EP,), "test", ("FP32", "BF16"))
+WITH_CUDA = Hardware((TENSORRT_EP, CUDA_EP, CPU_EP), None, ())
+no_cuda = pytest.mark.skipif(not HW.cuda, reason="no CUDA here: onnxruntime-gpu and a GPU are needed")
+
+
+def check(precision: Precision, agreement: float, dice: float = 1.0) -> PrecisionCheck:
+    return PrecisionCheck(precision, "test", 8, agreement, {"liver": dice}, "test windows")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    engine = Engine.from_dir(DEMO_BUNDLE, engine="onnxruntime", precision="fp32", threads=2)
+    return engine.preprocessor.forward(sitk.ReadImage(str(FIXTURE_CT)), with_body=True)
+
+
+@pytest.fixture(scope="module")
+def reference(prepared):
+    engine = Engine.from_dir(DEMO_BUNDLE, engine="onnxruntime", precision="fp32", threads=2)
+    return engine.window(prepared.array, engine.predict_windows, body=prepared.body)
+
+
+def available_cpu_combinations() -> list:
+    combos = [("onnxruntime", "fp32")]
+    if HW.openvino_version:
+        combos += [("openvino", p.value) for p in supported_precisions(EngineKind.OPENVINO, HW)]
+    return combos
+
+
+@pytest.mark.parametrize("engine,precision", available_cpu_combinations())
+def test_each_cpu_backend_matches_onnxruntime_fp32_on_a_real_ct(engine, precision, prepared, reference):
+    served = Engine.from_dir(DEMO_BUNDLE, engine=engine, precision=precision, threads=2)
+    assert served.choice.engine.value == engine and served.choice.precision.value == precision
+    labels = served.window(prepared.array, served.predict_windows, body=prepared.body)
+    assert (labels == reference).mean() >= MIN_AGREEMENT
+    # Dice on the organs this 20-slice fixture holds whole enough to judge (the export check judges every class
+    # over a whole CT; here a 400-voxel adrenal tip loses 2 % to one boundary voxel ring)
+    for value in range(1, served.bundle.num_classes):
+        p, q = reference == value, labels == value
+        if p.sum() >= 2000:
+            assert 2 * (p & q).sum() / (p.sum() + q.sum()) >= MIN_CLASS_DICE, value
+
+
+def test_openvino_is_installed_and_auto_picks_it_on_cpu():
+    # the base install ships OpenVINO (pyproject): auto must not silently fall back to the slower runtime
+    assert HW.openvino_version, "openvino is a base dependency"
+    choice = choose("auto", "fp32", "cpu", {})
+    assert choice.engine == EngineKind.OPENVINO and choice.device == "cpu"
+
+
+def test_named_engines_and_precisions_that_cannot_run_are_refused_naming_them():
+    with pytest.raises(EngineUnavailable, match="CTSEG_ENGINE=cuda.*CUDAExecutionProvider"):
+        choose("cuda", "auto", "auto", {}, CPU_ONLY)
+    with pytest.raises(EngineUnavailable, match="CTSEG_ENGINE=tensorrt.*TensorrtExecutionProvider"):
+        choose("tensorrt", "auto", "auto", {}, CPU_ONLY)
+    with pytest.raises(EngineUnavailable, match="CTSEG_ENGINE=openvino.*not installed"):
+        choose("openvino", "auto", "auto", {}, CPU_ONLY)
+    with pytest.raises(EngineUnavailable, match="CTSEG_PRECISION=bf16.*onnxruntime.*available: fp32"):
+        choose("onnxruntime", "bf16", "cpu", {}, OPENVINO_BF16)
+    with pytest.raises(EngineUnavailable, match="CTSEG_PRECISION=fp16.*openvino"):
+        choose("openvino", "fp16", "cpu", {}, OPENVINO_BF16)
+    with pytest.raises(EngineUnavailable, match="CTSEG_DEVICE=cpu"):
+        choose("cuda", "auto", "cpu", {}, WITH_CUDA)
+    with pytest.raises(ValueError):
+        choose("tpu", "auto", "auto", {}, CPU_ONLY)
+
+
+def test_a_cuda_preference_falls_back_to_cpu_with_a_log_line(caplog):
+    choice = choose("auto", "auto", "cuda", {}, CPU_ONLY)
+    assert choice.engine == EngineKind.ONNXRUNTIME and choice.device == "cpu"
+    assert "CUDA was asked for" in caplog.text and "serving on the CPU" in caplog.text
+    assert choose("auto", "auto", "auto", {}, WITH_CUDA).engine == EngineKind.CUDA
+
+
+def test_auto_precision_lowers_only_where_the_bundle_passed_the_parity_check():
+    passed = {Precision.BF16: check(Precision.BF16, 0.9995), Precision.FP16: check(Precision.FP16, 0.9999)}
+    assert choose("auto", "auto", "cpu", passed, OPENVINO_BF16).precision == Precision.BF16
+    assert choose("auto", "auto", "cpu", {}, OPENVINO_BF16).precision == Precision.FP32
+    failed_agreement = {Precision.BF16: check(Precision.BF16, 0.990)}
+    failed_dice = {Precision.BF16: check(Precision.BF16, 0.9999, dice=0.95)}
+    for checks in (failed_agreement, failed_dice):
+        choice = choose("auto", "auto", "cpu", checks, OPENVINO_BF16)
+        assert choice.precision == Precision.FP32 and "failed" in choice.reason
+    assert choose("auto", "auto", "cpu", passed, CPU_ONLY).precision == Precision.FP32  # no BF16 units
+    assert choose("auto", "auto", "auto", passed, WITH_CUDA).precision == Precision.FP16
+    # named: served as asked, with a warning when unchecked
+    assert choose("openvino", "bf16", "cpu", {}, OPENVINO_BF16).precision == Precision.BF16
+
+
+def test_io_binding_gives_the_plain_run_answer(tmp_path):
+    bundle = load_bundle(DEMO_BUNDLE)
+    choice = Choice(EngineKind.ONNXRUNTIME, Precision.FP32, "test")
+    plain = OrtBackend(bundle, choice, threads=2, io_binding=False)
+    bound = OrtBackend(bundle, choice, threads=2, io_binding=True)
+    rng = np.random.default_rng(0)
+    for n in (3, 1, 3):  # buffers per batch size, reused
+        x = rng.random((n, 1, *bundle.model.img_size), dtype=np.float32)
+        np.testing.assert_allclose(np.array(bound(x)), plain(x), atol=1e-5)
+    assert sorted(bound._bound) == [1, 3]
+
+
+def test_serve_refuses_to_start_with_an_engine_it_cannot_run(tmp_path):
+    env = {"CTSEG_BUNDLE_DIRS": str(DEMO_BUNDLE), "CTSEG_STORAGE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for var, value, named in (("CTSEG_ENGINE", "tensorrt", "tensorrt"), ("CTSEG_PRECISION", "fp16", "fp16")):
+        if value == "tensorrt" and HW.cuda:
+            continue
+        done = subprocess.run([sys.executable, "-m", "ctseg", "serve", "--port", "1"], env={**env, var: value},
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr
+
+
+def test_models_endpoint_says_which_engine_and_precision_serve(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(bundle_dirs=[DEMO_BUNDLE], storage_dir=tmp_path, worker_mode="thread", engine="onnxruntime")
+    with TestClient(create_app(settings)) as client:
+        model = client.get("/v1/models").json()["models"][0]
+    assert (model["engine"], model["precision"], model["device"]) == ("onnxruntime", "fp32", "cpu")
+    assert model["precision_reason"]
+
+
+def test_check_precision_records_real_ct_figures_in_the_manifest(tmp_path):
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(DEMO_BUNDLE, bundle_dir)
+    done = subprocess.run([sys.executable, "-m", "ctseg", "check-precision", str(bundle_dir), "--ct", str(FIXTURE_CT)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(bundle_dir)  # checksums still hold
+    fp16 = bundle.precisions[Precision.FP16]
+    assert fp16.windows > 0 and "whole real CT" in fp16.data and "liver" in fp16.per_class_dice
+    assert fp16.passed and fp16.argmax_agreement >= MIN_AGREEMENT
+    if "BF16" in HW.openvino_cpu_caps:
+        assert bundle.precisions[Precision.BF16].runtime == "openvino cpu bf16"
+    # a tampered figure cannot pass a check: "passed" is recomputed from the figures by the loader
+    manifest = json.loads((bundle_dir / "ctseg.json").read_text())
+    manifest["precisions"]["fp16"]["argmax_agreement"] = 0.9
+    manifest["precisions"]["fp16"]["passed"] = True
+    (bundle_dir / "ctseg.json").write_text(json.dumps(manifest))
+    assert not load_bundle(bundle_dir).precisions[Precision.FP16].passed
+    manifest["precisions"]["fp16"]["argmax_agreement"] = 7
+    (bundle_dir / "ctseg.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="argmax_agreement must be in"):
+        load_bundle(bundle_dir)
+
+
+def test_the_shipped_demo_bundle_carries_its_precision_checks():
+    checks = load_bundle(DEMO_BUNDLE).precisions
+    assert Precision.FP16 in checks and Precision.BF16 in checks
+    assert all("real CT" in c.data for c in checks.values())
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@no_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_backend_matches_cpu_fp32(precision, prepared, reference):
+    served = Engine.from_dir(DEMO_BUNDLE, engine="cuda", precision=precision)
+    assert served.device == "cuda"
+    labels = served.window(prepared.array, served.predict_windows, body=prepared.body)
+    assert served.backend.io_binding
+    assert (labels == reference).mean() >= MIN_AGREEMENT
+
+
+@no_cuda
+def test_tensorrt_backend_writes_its_engine_cache(tmp_path, prepared, reference):
+    if TENSORRT_EP not in HW.ort_providers:
+        pytest.skip("onnxruntime-gpu here has no TensorRT provider")
+    served = Engine.from_dir(DEMO_BUNDLE, engine="tensorrt", precision="fp16", trt_cache_dir=tmp_path / "trt")
+    labels = served.window(prepared.array, served.predict_windows, body=prepared.body)
+    assert (labels == reference).mean() >= MIN_AGREEMENT
+    assert any((tmp_path / "trt").iterdir())
