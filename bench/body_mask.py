@@ -66,6 +66,17 @@ def main() -> None:
     print(f"every window: {total} windows, {', '.join(f'{x:.2f}' for x in times['all'])} s; "
           f"body windows only: {total - skipped} ({skipped} skipped, {skipped / total:.0%}), "
           f"{', '.join(f'{x:.2f}' for x in times['body'])} s; labels identical: {same}")
+    # windows a model with smaller windows would save on the same field of view (planning only, no inference)
+    from models.preprocess import Preprocessor, PreprocessSpec
+    from models.sliding_window import SlidingWindow
+
+    for roi, spacing in (((96, 96, 96), (1.5, 1.5, 1.5)), ((64, 64, 64), (1.5, 1.5, 1.5)), ((96, 96, 96), (3.0, 3.0, 3.0))):
+        prep = Preprocessor(PreprocessSpec(spacing=spacing, roi=roi)).forward(image, with_body=True)
+        sw = SlidingWindow(roi, roi, 2, overlap=0.25)
+        sw(prep.array, lambda b: np.zeros((len(b), 2, *roi), dtype=np.float32), body=prep.body)
+        st = sw.last_stats
+        print(f"ROI {roi} at {spacing[0]} mm ({roi[1] * spacing[1]:.0f} mm windows): {st['windows']} windows, "
+              f"{st['skipped']} outside the body ({st['skipped'] / st['windows']:.0%})")
     print(f"SUMMARY body_mask windows={total} skipped={skipped} saved={skipped / total:.0%} "
           f"speedup={median(times['all']) / (median(times['body']) + mask_s):.2f}x (mask included) identical={same}")
 

@@ -48,7 +48,7 @@ def base_bundle(directory: Path, batch: int) -> Path:
     write_manifest(directory, {
         "name": "bench-vit3d-base", "version": "0", "created": "bench", "modality": "CT", "model": config.to_dict(),
         "preprocess": PreprocessSpec(spacing=(3.0, 3.0, 3.0), roi=config.img_size).to_dict(),
-        "labels": [label_for(n, i + 1).to_dict() for i, n in enumerate(names)],
+        "labels": [label_for(i + 1, n).to_dict() for i, n in enumerate(names)],
         "files": {"model.onnx": "", "model.ts": ""},
     })
     return directory

@@ -35,9 +35,12 @@ class DataConfig:
 class ModelSection:
     name: str = "vit3d_tiny_patch16"  # registered variant
     overrides: dict[str, Any] = field(default_factory=dict)
-    init_checkpoint: str | None = None  # output of `ctseg inflate`
+    # scratch | inflate | swin-ssl | vdt | checkpoint (inflation/init.py); unset: inflate when init_checkpoint or
+    # backbone is given, else scratch
+    init: str | None = None
+    init_checkpoint: str | None = None  # `ctseg inflate` output (inflate) or any ctseg checkpoint (checkpoint)
     backbone: str | None = None  # or inflate on the fly from timm's hub / a local file
-    weights: str | None = None
+    weights: str | None = None  # a local 2D file (inflate), Swin SSL weights (swin-ssl), pretrain-vdt output (vdt)
     rule: str = "center"
 
 

@@ -117,6 +117,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         "inputs": {"name": "image", "shape": ["batch", config.in_chans, *config.img_size], "dtype": "float32"},
         "outputs": {"name": "logits", "shape": ["batch", config.num_classes, *config.out_size], "dtype": "float32"},
         "inflation": meta.get("inflation"),
+        "init": meta.get("init"),
         "preprocess": meta["preprocess"],
         "labels": meta["labels"],
         "training": meta.get("training"),

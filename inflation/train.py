@@ -26,11 +26,10 @@ import models.nets._torchvision_compat  # noqa: F401
 from inflation.checkpoint import read_checkpoint, save_checkpoint
 from inflation.config import ConfigError, TrainConfig
 from inflation.data import Case, discover, load_case, output_labels, split_cases
-from models.config import ModelConfig
+from inflation.init import build_model
 from models.labels import Label
-from models.nets import ViTSegmenter, create_model
+from models.nets import ViTSegmenter
 from models.preprocess import PreprocessSpec, Preprocessor
-from models.registry import model_config
 from models.sliding_window import SlidingWindow
 
 log = logging.getLogger("ctseg.train")
@@ -75,36 +74,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, num_classes: int) -> tuple[ViTSegmenter, dict[str, Any]]:
-    roi = tuple(cfg.preprocess.roi)
-    meta: dict[str, Any] = {}
-    if cfg.model.init_checkpoint:
-        payload = read_checkpoint(cfg.model.init_checkpoint)
-        config = ModelConfig.from_dict(payload["model_config"])
-        if tuple(config.img_size) != roi:
-            raise ConfigError(f"init_checkpoint was inflated for ROI {list(config.img_size)}, config asks {list(roi)}")
-        config = config.with_updates(num_classes=num_classes)
-        model = create_model(config)
-        encoder_state = {k[len("encoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("encoder.")}
-        model.encoder.load_state_dict(encoder_state)
-        meta["inflation"] = payload.get("meta", {}).get("inflation")
-        log.info("encoder initialised from %s", cfg.model.init_checkpoint)
-        return model, meta
-    config = model_config(cfg.model.name, img_size=roi, num_classes=num_classes, **cfg.model.overrides)
-    if cfg.model.backbone:
-        from inflation.inflate import inflate
-        from inflation.sources import from_file, from_timm_hub
-
-        ckpt = from_file(cfg.model.weights, cfg.model.backbone) if cfg.model.weights else from_timm_hub(cfg.model.backbone)
-        model, report = inflate(ckpt, config.with_updates(backbone=cfg.model.backbone), rule=cfg.model.rule)  # type: ignore[arg-type]
-        meta["inflation"] = report.to_dict()
-        return model, meta
-    log.warning("no pretrained weights configured: the encoder starts from random initialisation")
-    meta["inflation"] = None
-    return create_model(config), meta
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import Bundle
+from models.bundle import Bundle, BundleError
 from models.precision import Precision, PrecisionCheck
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,15 @@ class OpenVinoBackend(Backend):
 
 def open_backend(bundle: Bundle, choice: Choice, threads: int, batch_size: int,
                  trt_cache_dir: Path | None = None) -> Backend:
-    if choice.engine == EngineKind.OPENVINO:
-        return OpenVinoBackend(bundle, choice, threads, batch_size)
-    return OrtBackend(bundle, choice, threads, trt_cache_dir)
+    """The backend for ``choice``; a graph the runtime cannot read is a :class:`BundleError` naming the bundle."""
+    try:
+        if choice.engine == EngineKind.OPENVINO:
+            return OpenVinoBackend(bundle, choice, threads, batch_size)
+        return OrtBackend(bundle, choice, threads, trt_cache_dir)
+    except EngineUnavailable:
+        raise
+    except Exception as err:  # each runtime has its own exception types; all mean "this graph cannot run here"
+        reason = next((line.strip() for line in str(err).splitlines() if "nable to read" in line), None)
+        reason = reason or str(err).strip().splitlines()[0][:300]
+        raise BundleError(f"bundle {bundle.name!r}: model.onnx could not be opened by {choice.engine.value} "
+                          f"({type(err).__name__}: {reason})") from None

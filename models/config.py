@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from typing import Any, Literal
 
 from models.axes import Triple, as_triple
 
 BlockType = Literal["vit", "beit"]
 TokenMode = Literal["3d", "2.5d"]
+SWIN_DOWNSAMPLING = 32  # patch 2, then four patch-merging stages: 2 * 2**4
+
+
+class MergingLayout(str, Enum):
+    """The order in which Swin's 3D patch merging concatenates the eight sub-voxel slices.
+
+    Names and shapes of the layer are the same in every layout, so no look at a file can tell them apart: a
+    checkpoint's layout is a fact of where it comes from (the released self-supervised Swin UNETR weights were
+    trained with MONAI 0.9-1.4's order) and ctseg records it in every Swin config it writes.
+    """
+
+    MONAI_0_9 = "monai-0.9"  # MONAI 0.9-1.4: 000, 100, 010, 001, 101, 010, 001, 111 (two slices twice)
+    MONAI_1_5 = "monai-1.5"  # MONAI >= 1.5 "merging": 000, 100, 010, 001, 110, 101, 011, 111
+    V2 = "v2"  # MONAI "mergingv2": itertools order 000, 001, 010, 011, 100, 101, 110, 111
 
 
 class ModelConfigError(ValueError):
@@ -61,6 +76,41 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class SwinEncoderConfig:
+    """Swin UNETR's encoder (Hatamizadeh et al. 2022; Tang et al. 2022): names and defaults follow MONAI's
+    ``SwinUNETR`` and the released self-supervised checkpoint (feature size 48, depths 2-2-2-2, heads 3-6-12-24,
+    window 7, patch 2, qkv bias, no patch norm)."""
+
+    feature_size: int = 48
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    window_size: int = 7
+    merging: MergingLayout = MergingLayout.MONAI_1_5
+    drop_path_rate: float = 0.0
+    kind: Literal["swin"] = "swin"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        try:
+            object.__setattr__(self, "merging", MergingLayout(self.merging))
+        except ValueError:
+            raise ModelConfigError(f"merging must be one of {[m.value for m in MergingLayout]}; "
+                                   f"got {self.merging!r}") from None
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ModelConfigError(f"Swin UNETR has four stages: depths and num_heads need four values each; got "
+                                   f"depths={self.depths}, num_heads={self.num_heads}")
+        if self.feature_size % 12:
+            raise ModelConfigError(f"Swin UNETR's feature_size must be divisible by 12 (its heads split it); "
+                                   f"got {self.feature_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["depths"], d["num_heads"], d["merging"] = list(self.depths), list(self.num_heads), self.merging.value
+        return d
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole network: encoder, token grid and UNETR-style decoder.
 
@@ -72,7 +122,7 @@ class ModelConfig:
     name: str
     img_size: Triple
     patch_size: Triple
-    encoder: EncoderConfig
+    encoder: EncoderConfig | SwinEncoderConfig
     in_chans: int = 1
     num_classes: int = 2
     feature_size: int = 16
@@ -83,7 +133,20 @@ class ModelConfig:
         object.__setattr__(self, "img_size", as_triple(self.img_size, "img_size"))
         object.__setattr__(self, "patch_size", as_triple(self.patch_size, "patch_size"))
         if isinstance(self.encoder, dict):
-            object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+            object.__setattr__(self, "encoder", encoder_from_dict(self.encoder))
+        if self.num_classes < 2:
+            raise ModelConfigError(f"num_classes counts background and must be >= 2; got {self.num_classes}")
+        if self.in_chans < 1:
+            raise ModelConfigError(f"in_chans must be >= 1; got {self.in_chans}")
+        if self.is_swin:
+            for axis, size in zip("DHW", self.img_size):
+                if size % SWIN_DOWNSAMPLING:
+                    raise ModelConfigError(
+                        f"Swin UNETR halves its input five times: the ROI must be divisible by {SWIN_DOWNSAMPLING} on "
+                        f"every axis; axis {axis}: got {size} (img_size={self.img_size})")
+            if self.patch_size != (2, 2, 2):
+                raise ModelConfigError(f"Swin UNETR's patch size is 2 on every axis; got {self.patch_size}")
+            return
         for axis, size, patch in zip("DHW", self.img_size, self.patch_size):
             if size % patch:
                 raise ModelConfigError(
@@ -106,10 +169,10 @@ class ModelConfig:
                 "BEiT's relative position bias is two-dimensional: use 2.5D mode (depth patch = ROI depth); "
                 f"got img_size={self.img_size}, patch_size={self.patch_size}"
             )
-        if self.num_classes < 2:
-            raise ModelConfigError(f"num_classes counts background and must be >= 2; got {self.num_classes}")
-        if self.in_chans < 1:
-            raise ModelConfigError(f"in_chans must be >= 1; got {self.in_chans}")
+
+    @property
+    def is_swin(self) -> bool:
+        return isinstance(self.encoder, SwinEncoderConfig)
 
     @property
     def mode(self) -> TokenMode:
@@ -143,6 +206,8 @@ class ModelConfig:
         data = asdict(self)
         data["img_size"] = list(self.img_size)
         data["patch_size"] = list(self.patch_size)
+        if self.is_swin:
+            data["encoder"] = self.encoder.to_dict()  # type: ignore[union-attr]
         return data
 
     @classmethod
@@ -152,9 +217,14 @@ class ModelConfig:
         if unknown:
             raise ModelConfigError(f"unknown model config fields: {sorted(unknown)}")
         enc = data.get("encoder")
-        if not isinstance(enc, (dict, EncoderConfig)):
+        if not isinstance(enc, (dict, EncoderConfig, SwinEncoderConfig)):
             raise ModelConfigError("model config needs an 'encoder' mapping")
-        enc_known = {f.name for f in fields(EncoderConfig)}
-        if isinstance(enc, dict) and set(enc) - enc_known:
-            raise ModelConfigError(f"unknown encoder config fields: {sorted(set(enc) - enc_known)}")
-        return cls(**{**data, "encoder": EncoderConfig(**enc) if isinstance(enc, dict) else enc})
+        return cls(**{**data, "encoder": encoder_from_dict(enc) if isinstance(enc, dict) else enc})
+
+
+def encoder_from_dict(enc: dict[str, Any]) -> EncoderConfig | SwinEncoderConfig:
+    kind = SwinEncoderConfig if enc.get("kind") == "swin" else EncoderConfig
+    known = {f.name for f in fields(kind)}
+    if set(enc) - known:
+        raise ModelConfigError(f"unknown encoder config fields: {sorted(set(enc) - known)}")
+    return kind(**enc)

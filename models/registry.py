@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from models.config import EncoderConfig, ModelConfig
+from models.config import EncoderConfig, ModelConfig, SwinEncoderConfig
 
 ConfigFn = Callable[..., ModelConfig]
 _REGISTRY: dict[str, ConfigFn] = {}
@@ -103,3 +103,29 @@ def vit25d_base_patch16(**kw: Any) -> ModelConfig:
 @register_model
 def beit25d_base_patch16(**kw: Any) -> ModelConfig:
     return _build("beit25d_base_patch16", BEIT_BASE, "beit_base_patch16_224", TWO_HALF_D, kw)
+
+
+# ---- Swin UNETR (MONAI's architecture): feature sizes 24 / 36 / 48; 48 is the released self-supervised encoder's
+_SWIN_FIELDS = {f.name for f in fields(SwinEncoderConfig)}
+
+
+def _swin(name: str, feature_size: int, overrides: dict[str, Any]) -> ModelConfig:
+    enc = {k: overrides.pop(k) for k in list(overrides) if k in _SWIN_FIELDS}
+    encoder = SwinEncoderConfig(**{"feature_size": feature_size, **enc})
+    kwargs = {"img_size": (96, 96, 96), "patch_size": (2, 2, 2), "feature_size": encoder.feature_size, **overrides}
+    return ModelConfig(name=name, encoder=encoder, backbone=kwargs.pop("backbone", None), **kwargs)
+
+
+@register_model
+def swin_unetr_f24(**kw: Any) -> ModelConfig:
+    return _swin("swin_unetr_f24", 24, kw)
+
+
+@register_model
+def swin_unetr_f36(**kw: Any) -> ModelConfig:
+    return _swin("swin_unetr_f36", 36, kw)
+
+
+@register_model
+def swin_unetr_f48(**kw: Any) -> ModelConfig:
+    return _swin("swin_unetr_f48", 48, kw)

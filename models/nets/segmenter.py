@@ -17,6 +17,8 @@ class ViTSegmenter(nn.Module):
     the whole ROI in 3D mode, the centre slice in 2.5D mode.
     """
 
+    ENCODER_PREFIX = "encoder."
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
