@@ -10,10 +10,13 @@ import sys
 # (sub-command, module that defines add_parser)
 COMMANDS = (
     ("pretrain-2d", "inflation.pretrain2d_cli"),
+    ("pretrain-ssl", "inflation.pretrain_ssl_cli"),
+    ("pretrain-vdt", "inflation.pretrain_vdt_cli"),
     ("inflate", "inflation.cli"),
     ("train", "inflation.train_cli"),
     ("export", "inflation.export_cli"),
     ("check-precision", "inflation.check_precision_cli"),
+    ("compare", "inflation.compare_cli"),
     ("serve", "server.cli"),
     ("predict", "server.predict_cli"),
 )

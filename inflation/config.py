@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -145,13 +146,14 @@ def _build(kind: Any, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     known = {f.name: f for f in fields(kind)}
+    hints = typing.get_type_hints(kind)  # resolves the string annotations in kind's own module
     unknown = set(raw) - set(known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        ftype = known[name].type
-        sub = _dataclass_of(ftype)
+        ftype = hints[name]
+        sub = ftype if is_dataclass(ftype) else None
         if sub is not None and isinstance(value, dict):
             values[name] = _build(sub, value, f"{where}.{name}")
         elif name == "labels" and kind is DataConfig:
@@ -164,11 +166,3 @@ def _build(kind: Any, raw: Any, where: str) -> Any:
         return kind(**values)
     except TypeError as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def _dataclass_of(ftype: Any) -> Any:
-    names = {"DataConfig": DataConfig, "ModelSection": ModelSection, "PreprocessSection": PreprocessSection,
-             "AugmentSection": AugmentSection, "TrainSection": TrainSection}
-    if isinstance(ftype, str):
-        return names.get(ftype)
-    return ftype if is_dataclass(ftype) else None

@@ -388,6 +388,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
         result = {
             "steps": step, "seconds": round(elapsed, 1), "world_size": env.world, "ddp_weights_agree": agree,
             "weights_sha256": weights_digest(model), "validation": last_val, "best": best or None,
+            "history": history,
         }
         if step >= steps_total:
             save("final.pt", last_val)

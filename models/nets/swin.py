@@ -30,6 +30,41 @@ MERGING_MODULES = {MergingLayout.MONAI_0_9: PatchMergingMonai09, MergingLayout.M
                    MergingLayout.V2: PatchMergingV2}
 
 
+class InstanceNormTraceable(nn.Module):
+    """``nn.InstanceNorm3d`` (no running statistics) written out in plain tensor ops, same parameters and numbers.
+
+    Why: with a dynamic batch axis, the ONNX exporter loses the channel count after Swin's window reshapes and
+    refuses ``instance_norm`` ("unknown channel size"); the plain form exports at any batch size.
+    """
+
+    def __init__(self, source: nn.InstanceNorm3d) -> None:
+        super().__init__()
+        if source.track_running_stats:
+            raise ValueError("only instance norms without running statistics are replaced")
+        self.eps = source.eps
+        self.weight = source.weight  # None unless affine; the same Parameter objects, so the same state-dict keys
+        self.bias = source.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3, 4), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(2, 3, 4), keepdim=True)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+        return y
+
+
+def replace_instance_norms(module: nn.Module) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.InstanceNorm3d):
+            setattr(module, name, InstanceNormTraceable(child))
+            count += 1
+        else:
+            count += replace_instance_norms(child)
+    return count
+
+
 class SwinSegmenter(nn.Module):
     """Swin UNETR: input ``(B, C, *config.img_size)``, logits ``(B, classes, *config.img_size)``.
 
@@ -50,6 +85,7 @@ class SwinSegmenter(nn.Module):
             feature_size=enc.feature_size, dropout_path_rate=enc.drop_path_rate, spatial_dims=3,
             downsample=MERGING_MODULES[enc.merging], use_v2=False,
         )
+        replace_instance_norms(self.net)
 
     @property
     def encoder(self) -> nn.Module:
