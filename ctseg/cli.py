@@ -12,6 +12,7 @@ COMMANDS = (
     ("pretrain-2d", "inflation.pretrain2d_cli"),
     ("pretrain-ssl", "inflation.pretrain_ssl_cli"),
     ("pretrain-vdt", "inflation.pretrain_vdt_cli"),
+    ("slices-to-images", "inflation.slice_images_cli"),
     ("inflate", "inflation.cli"),
     ("train", "inflation.train_cli"),
     ("export", "inflation.export_cli"),

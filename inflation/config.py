@@ -121,8 +121,8 @@ class TrainConfig:
         return _build(cls, raw, "config")
 
 
-def load_config(kind: Any, path: str | Path) -> Any:
-    """A YAML config as the dataclass ``kind`` (with ``data`` and ``output``); relative paths are taken from the
+def read_yaml_config(kind: Any, path: str | Path, relative: tuple[str, ...] = ("output",)) -> Any:
+    """A YAML config as the dataclass ``kind``; the top-level path fields named in ``relative`` are taken from the
     config's own folder."""
     path = Path(path)
     if not path.is_file():
@@ -132,13 +132,20 @@ def load_config(kind: Any, path: str | Path) -> Any:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     cfg = _build(kind, raw, "config")
+    for attr in relative:
+        value = getattr(cfg, attr)
+        if value and not Path(value).is_absolute():
+            setattr(cfg, attr, str((path.parent / value).resolve()))
+    return cfg
+
+
+def load_config(kind: Any, path: str | Path) -> Any:
+    """A training-style config (with ``data`` and ``output``); relative paths are taken from its own folder."""
+    cfg = read_yaml_config(kind, path)
     if not isinstance(cfg.data, DataConfig):
         raise ConfigError("config.data: a mapping with dataset and labels is required")
-    base = path.parent
     if not Path(cfg.data.dataset).is_absolute():
-        cfg.data.dataset = str((base / cfg.data.dataset).resolve())
-    if not Path(cfg.output).is_absolute():
-        cfg.output = str((base / cfg.output).resolve())
+        cfg.data.dataset = str((Path(path).parent / cfg.data.dataset).resolve())
     return cfg
 
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inflation.checkpoint import read_checkpoint, save_checkpoint
-from inflation.config import ConfigError, PreprocessSection, _build
-from inflation.train import Dist, lr_lambda, seed_everything
+from inflation.checkpoint import save_checkpoint
+from inflation.config import ConfigError, PreprocessSection, read_yaml_config
+from inflation.train import Dist, PretrainRun, optimizer_step, seed_everything
 from models.config import ModelConfig
 from models.nets.swin import SwinSegmenter
 from models.preprocess import Preprocessor, PreprocessSpec
@@ -61,7 +61,7 @@ class SslSection:
 @dataclass
 class SslConfig:
     name: str
-    data: str  # a folder of unlabelled CT: NIfTI files and/or DICOM series (one folder each)
+    data: str  # unlabelled CT: a folder of NIfTI files and/or DICOM series (one folder each), one file, or a glob
     model: str = "swin_unetr_f48"
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. feature_size, merging
     preprocess: PreprocessSection = field(default_factory=PreprocessSection)
@@ -70,30 +70,26 @@ class SslConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "SslConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        cfg = _build(cls, raw, "config")
-        for attr in ("data", "output"):  # relative to the config, like the training configs
-            if not Path(getattr(cfg, attr)).is_absolute():
-                setattr(cfg, attr, str((path.parent / getattr(cfg, attr)).resolve()))
-        return cfg
+        return read_yaml_config(cls, path, relative=("data", "output"))
 
 
-def unlabelled_volumes(folder: str | Path, spec: PreprocessSpec) -> list[np.ndarray]:
-    """Every CT in ``folder`` (NIfTI files; DICOM series, one per sub-folder), preprocessed to the model grid."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"data: {folder} is not a folder")
+def unlabelled_volumes(source: str | Path, spec: PreprocessSpec) -> list[np.ndarray]:
+    """Every CT of ``source`` (a folder of NIfTI files and DICOM series, one per sub-folder; a file; or a glob),
+    preprocessed to the model grid."""
+    import glob
+
+    source = Path(source)
+    if any(c in str(source) for c in "*?["):
+        items = [Path(p) for p in sorted(glob.glob(str(source)))]
+    elif source.is_file():
+        items = [source]
+    elif source.is_dir():
+        items = sorted(source.iterdir())
+    else:
+        raise ConfigError(f"data: {source} is neither a folder, a file nor a glob that matches")
     pre = Preprocessor(spec)
     volumes = []
-    for item in sorted(folder.iterdir()):
+    for item in items:
         if item.is_file() and item.name.endswith((".nii", ".nii.gz")):
             image = sitk.ReadImage(str(item))
         elif item.is_dir():
@@ -107,7 +103,7 @@ def unlabelled_volumes(folder: str | Path, spec: PreprocessSpec) -> list[np.ndar
             continue
         volumes.append(pre.forward(image).array)
     if not volumes:
-        raise ConfigError(f"data: no NIfTI file or DICOM series found in {folder}")
+        raise ConfigError(f"data: no NIfTI file or DICOM series found in {source}")
     return volumes
 
 
@@ -189,30 +185,10 @@ def pretrain_ssl(cfg: SslConfig, resume: str | Path | None = None) -> dict[str, 
     volumes = unlabelled_volumes(cfg.data, spec)
     log.info("%d unlabelled volume(s)", len(volumes))
     model = SwinSsl(config).to(env.device)
-    ddp: nn.Module = model
-    if env.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps))
-    use_amp = env.device.type == "cuda" and t.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step, history = 0, []
-    if resume:
-        payload = read_checkpoint(resume)
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if "scaler" in payload and use_amp:
-            scaler.load_state_dict(payload["scaler"])
-        step = int(payload["step"])
-        history = list(payload.get("meta", {}).get("history", []))
-        log.info("resumed from %s at step %d", resume, step)
-    writer = None
-    if env.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    run = PretrainRun(model, env, out, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.amp, resume)
+    ddp, optimizer, scheduler, scaler, writer = run.ddp, run.optimizer, run.scheduler, run.scaler, run.writer
+    use_amp, step, history = run.use_amp, run.step, run.history
     rng = np.random.default_rng(cfg.train.seed * 1000 + env.rank * 7919 + step)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank + step)
 
@@ -241,13 +217,7 @@ def pretrain_ssl(cfg: SslConfig, resume: str | Path | None = None) -> dict[str, 
         }
         loss = (t.weight_rotation * losses["rotation"] + t.weight_contrast * losses["contrastive"]
                 + t.weight_inpaint * losses["inpainting"])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, model, optimizer, scheduler, scaler, t.grad_clip)
         step += 1
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
         history.append(record)

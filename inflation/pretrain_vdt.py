@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from inflation.checkpoint import read_checkpoint, save_checkpoint
-from inflation.config import ConfigError, _build
-from inflation.train import Dist, lr_lambda, seed_everything
+from inflation.checkpoint import save_checkpoint
+from inflation.config import ConfigError, read_yaml_config
+from inflation.train import Dist, PretrainRun, optimizer_step, seed_everything
 from models.nets.encoder import ViTEncoder3d
 from models.registry import model_config
 
@@ -64,20 +64,7 @@ class VdtConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "VdtConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        cfg = _build(cls, raw, "config")
-        for attr in ("data", "output"):
-            if not Path(getattr(cfg, attr)).is_absolute():
-                setattr(cfg, attr, str((path.parent / getattr(cfg, attr)).resolve()))
-        return cfg
+        return read_yaml_config(cls, path, relative=("data", "output"))
 
 
 def image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -138,26 +125,10 @@ def pretrain_vdt(cfg: VdtConfig, resume: str | Path | None = None) -> dict[str, 
     log.info("%d images in %d classes; volumes 1 x %d x %d x %d", len(items), len(classes), depth, cfg.image_size,
              cfg.image_size)
     model = VdtClassifier(config, len(classes)).to(env.device)
-    ddp: nn.Module = model
-    if env.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.steps))
-    use_amp = env.device.type == "cuda" and t.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step, history = 0, []
-    if resume:
-        payload = read_checkpoint(resume)
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step, history = int(payload["step"]), list(payload.get("meta", {}).get("history", []))
-    writer = None
-    if env.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    run = PretrainRun(model, env, out, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.amp, resume)
+    ddp, optimizer, scheduler, scaler, writer = run.ddp, run.optimizer, run.scheduler, run.scaler, run.writer
+    use_amp, step, history = run.use_amp, run.step, run.history
     gen = torch.Generator().manual_seed(t.seed * 1000 + env.rank + step)
 
     def meta() -> dict[str, Any]:
@@ -179,13 +150,7 @@ def pretrain_vdt(cfg: VdtConfig, resume: str | Path | None = None) -> dict[str, 
         with torch.autocast("cuda", enabled=use_amp):
             logits = ddp(x)
         loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, model, optimizer, scheduler, scaler, t.grad_clip)
         step += 1
         accuracy = float((logits.argmax(1) == y).float().mean())
         history.append({"step": step, "loss": loss.item(), "accuracy": accuracy})

@@ -197,6 +197,58 @@ def validate(model: ViTSegmenter, cases: list[Case], cfg: TrainConfig, device: t
 
 
 # ----------------------------------------------------------------------------------------------- training
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                   grad_clip: float) -> torch.Tensor:
+    """One update: backward through the (AMP) scaler, gradient clipping, optimizer and schedule; the grad norm."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return grad_norm
+
+
+def restore(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None) -> tuple[int, list]:
+    """Weights, optimizer, schedule (and AMP scaler) from a checkpoint; the step and the history to continue."""
+    payload = read_checkpoint(path)
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and "scaler" in payload:
+        scaler.load_state_dict(payload["scaler"])
+    log.info("resumed from %s at step %d", path, int(payload["step"]))
+    return int(payload["step"]), list(payload.get("meta", {}).get("history", []))
+
+
+class PretrainRun:
+    """What a pre-training loop (pretrain-ssl, pretrain-vdt) sets up like ``ctseg train``: DDP under torchrun,
+    AdamW with warm-up and cosine decay, the AMP scaler (CUDA only), resume, and TensorBoard on rank 0."""
+
+    def __init__(self, model: nn.Module, env: Dist, out: Path, lr: float, weight_decay: float, warmup: int,
+                 steps: int, amp: bool, resume: str | Path | None) -> None:
+        self.ddp: nn.Module = model
+        if env.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, steps))
+        self.use_amp = env.device.type == "cuda" and amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step, self.history = 0, []
+        if resume:
+            self.step, self.history = restore(resume, model, self.optimizer, self.scheduler,
+                                              self.scaler if self.use_amp else None)
+        self.writer = None
+        if env.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -268,17 +320,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
     best: dict[str, Any] = {}
 
     if resume:
-        payload = read_checkpoint(resume)
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if "scaler" in payload and use_amp:
-            scaler.load_state_dict(payload["scaler"])
-        step = int(payload["step"])
-        history = list(payload.get("meta", {}).get("history", []))
+        step, history = restore(resume, model, optimizer, scheduler, scaler if use_amp else None)
         transform.set_random_state(seed=cfg.train.seed + env.rank + step)
         torch.manual_seed(cfg.train.seed + env.rank + step)
-        log.info("resumed from %s at step %d", resume, step)
 
     writer = None
     if env.main:
@@ -338,13 +382,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, max_steps: int | N
         with torch.autocast(env.device.type, enabled=use_amp):
             logits = ddp_model(image)
             loss = loss_fn(logits.float(), label)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        grad_norm = optimizer_step(loss, model, optimizer, scheduler, scaler, cfg.train.grad_clip)
         step += 1
         if env.main:
             if step % cfg.train.log_every == 0 or step == end:

@@ -249,3 +249,55 @@ def test_vdt_pretraining_learns_and_initialises_a_vit_encoder(vdt_run, tmp_path,
         if key != "pos_embed":
             assert torch.equal(value, saved["encoder." + key]), key
     assert not torch.equal(tuned.encoder.blocks[0].attn.qkv.weight, scratch.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_ssl_and_vdt_resume_from_their_last_checkpoint(ssl_run, vdt_run, tmp_path):
+    from inflation.checkpoint import read_checkpoint
+    from inflation.pretrain_ssl import SslConfig, pretrain_ssl
+    from inflation.pretrain_vdt import VdtConfig, pretrain_vdt
+
+    ssl_out, _ = ssl_run
+    cfg = SslConfig(name="t", data=str(ssl_out.parent / "ct"), model="swin_unetr_f24", overrides={"feature_size": 12},
+                    output=str(tmp_path / "ssl"))
+    cfg.preprocess.spacing, cfg.preprocess.roi = [2.0, 2.0, 2.0], [32, 32, 32]
+    cfg.train.steps, cfg.train.mask_box = 26, 8
+    assert pretrain_ssl(cfg, resume=ssl_out / "last.pt")["steps"] == 26
+    assert len(read_checkpoint(tmp_path / "ssl" / "ssl.pt")["meta"]["history"]) == 26
+    vdt_out, _ = vdt_run
+    saved = read_checkpoint(vdt_out / "vdt.pt")
+    vcfg = VdtConfig(name="t", data=str(vdt_out.parent / "images"), model="vit25d_tiny_patch16",
+                     overrides={"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": [5, 8, 8], "feature_size": 8},
+                     image_size=32, output=str(tmp_path / "vdt"))
+    vcfg.train.steps = saved["step"] + 2
+    assert pretrain_vdt(vcfg, resume=vdt_out / "last.pt")["steps"] == saved["step"] + 2
+
+
+def test_training_config_class_weights_are_checked_by_label_name(dataset, tmp_path):
+    from inflation.config import ConfigError
+    from inflation.data import output_labels
+    from inflation.train import per_class
+
+    cfg = fine_tune_config(dataset, tmp_path, {"name": "vit3d_tiny_patch16"})
+    labels = output_labels(cfg.data.labels)
+    assert per_class({"spleen": 3}, labels, "class_weights") == [1.0, 3.0]
+    with pytest.raises(ConfigError, match=r"class_ratios names \['kidney'\], which are not among the labels"):
+        per_class({"kidney": 2}, labels, "class_ratios")
+    with pytest.raises(ConfigError, match="must be positive"):
+        per_class({"liver": 0}, labels, "class_weights")
+
+
+def test_slices_to_images_cuts_a_classification_folder_from_the_training_part(dataset, tmp_path):
+    from inflation.slice_images import slices_to_images
+
+    cfg = fine_tune_config(dataset, tmp_path, {"name": "vit3d_tiny_patch16"})
+    cfg.data.val_cases = 1
+    counts = slices_to_images(cfg, tmp_path / "images", min_pixels=20)
+    assert {"liver", "none"} <= set(counts) and sum(counts.values()) > 10
+    first = next((tmp_path / "images" / "liver").iterdir())
+    with Image.open(first) as im:
+        assert im.mode == "RGB"
+    from inflation.data import discover
+
+    validation = discover(cfg.data.dataset)[-1].case_id  # val_cases: 1 holds out the last case
+    made = {p.stem.rsplit("_", 1)[0] for p in (tmp_path / "images").rglob("*.png")}
+    assert validation not in made and made
