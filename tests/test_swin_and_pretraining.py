@@ -301,3 +301,29 @@ def test_slices_to_images_cuts_a_classification_folder_from_the_training_part(da
     validation = discover(cfg.data.dataset)[-1].case_id  # val_cases: 1 holds out the last case
     made = {p.stem.rsplit("_", 1)[0] for p in (tmp_path / "images").rglob("*.png")}
     assert validation not in made and made
+
+
+def test_vdt_pretraining_runs_under_torchrun_on_two_cpu_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from inflation.checkpoint import read_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = {"name": "t", "data": str(write_image_folder(tmp_path / "images", per_class=4)),
+              "model": "vit25d_tiny_patch16", "image_size": 32, "output": str(tmp_path / "out"),
+              "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": [5, 8, 8], "feature_size": 8},
+              "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "ctseg", "pretrain-vdt", str(tmp_path / "cfg.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "out" / "vdt.pt")["step"] == 3
