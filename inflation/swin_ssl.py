@@ -118,7 +118,8 @@ def load_swin_encoder(model: torch.nn.Module, weights: SwinWeights, path: str | 
     """Copy ``weights`` into ``model``'s Swin encoder; every key logged; refused if any encoder tensor is missing or
     has another shape (e.g. a different feature size)."""
     enc_cfg = model.config.encoder
-    assert isinstance(enc_cfg, SwinEncoderConfig)
+    if not isinstance(enc_cfg, SwinEncoderConfig):
+        raise WeightsFileError(f"{path}: Swin weights need a Swin UNETR model; got {type(enc_cfg).__name__}")
     if enc_cfg.merging != weights.layout:
         raise WeightsFileError(f"{path}: layout {weights.layout.value} does not match the model's "
                                f"{enc_cfg.merging.value}; resolve it with resolve_layout first")

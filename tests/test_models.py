@@ -24,9 +24,12 @@ def test_registry_has_three_widths_in_two_token_modes():
     assert model_config("vit25d_small_patch16").mode == "2.5d"
 
 
+SWIN_SMALL = {"img_size": (32, 32, 64), "num_classes": 3, "feature_size": 12}  # bottleneck 1 x 1 x 2
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_variant_runs_forward_and_backward(name):
-    kw = SMALL_25D if "25d" in name else SMALL_3D
+    kw = SWIN_SMALL if name.startswith("swin") else SMALL_25D if "25d" in name else SMALL_3D
     model = create_model(name, **kw)
     x = torch.randn(2, 1, *model.config.img_size)
     y = model(x)

@@ -80,7 +80,8 @@ def test_forward_backward_and_onnx_export_parity(tmp_path):
     export_onnx(model, tmp_path / "model.onnx")
     export_torchscript(model, tmp_path / "model.ts")
     checks = parity(model, tmp_path, windows=3, seed=0)  # batch of 3: the batch axis is dynamic
-    assert checks["onnxruntime"]["max_abs_logit_diff"] < 1e-3 and checks["onnxruntime"]["argmax_agreement"] == 1.0
+    # random weights give near-tied logits: a 1e-5 logit difference may flip a voxel in 100,000
+    assert checks["onnxruntime"]["max_abs_logit_diff"] < 1e-3 and checks["onnxruntime"]["argmax_agreement"] > 0.999
 
 
 def test_monai_0_9_patch_merging_keeps_its_order_and_differs_from_monai_1_5():
