@@ -73,7 +73,7 @@ def main() -> None:
     for roi, spacing in (((96, 96, 96), (1.5, 1.5, 1.5)), ((64, 64, 64), (1.5, 1.5, 1.5)), ((96, 96, 96), (3.0, 3.0, 3.0))):
         prep = Preprocessor(PreprocessSpec(spacing=spacing, roi=roi)).forward(image, with_body=True)
         sw = SlidingWindow(roi, roi, 2, overlap=0.25)
-        sw(prep.array, lambda b: np.zeros((len(b), 2, *roi), dtype=np.float32), body=prep.body)
+        sw(prep.array, lambda b, roi=roi: np.zeros((len(b), 2, *roi), dtype=np.float32), body=prep.body)
         st = sw.last_stats
         print(f"ROI {roi} at {spacing[0]} mm ({roi[1] * spacing[1]:.0f} mm windows): {st['windows']} windows, "
               f"{st['skipped']} outside the body ({st['skipped'] / st['windows']:.0%})")

@@ -129,7 +129,6 @@ def matmul_rate(device: str, dtype_name: str, threads: int) -> tuple[float, str]
 
     rates["torch"] = best_of(lambda: a @ b)
     if device == "cpu":
-        import onnx
         from onnx import TensorProto, helper
 
         graph = helper.make_graph(

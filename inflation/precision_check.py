@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from models.backends import CPU_EP, CUDA_EP, Choice, EngineKind, Hardware, OpenVinoBackend, float16_graph
+from models.backends import (
+    CPU_EP,
+    CUDA_EP,
+    Choice,
+    EngineKind,
+    Hardware,
+    OpenVinoBackend,
+    float16_graph,
+)
 from models.bundle import Bundle
 from models.precision import MIN_CLASS_VOXELS, Precision, PrecisionCheck
 from models.preprocess import Preprocessor

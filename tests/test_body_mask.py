@@ -93,6 +93,6 @@ def test_skipping_outside_the_body_never_changes_a_lung_model_answer():
 def test_a_mask_without_the_lungs_would_change_the_answer():
     """The same test fails for a naive mask (tissue only, no hole filling): it is not vacuous."""
     hu = chest_phantom()
-    full, skipped, stats = run(hu, (8, 16, 16), mask_fn=lambda v: v > -500)
+    full, skipped, _ = run(hu, (8, 16, 16), mask_fn=lambda v: v > -500)
     assert not np.array_equal(full, skipped)
     assert (skipped == 1).sum() < (full == 1).sum()

@@ -13,10 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from common import DEMO_BUNDLE, REPO
-from models.backends import (CPU_EP, CUDA_EP, TENSORRT_EP, Choice, EngineKind, EngineUnavailable, Hardware,
-                             OrtBackend, choose, supported_precisions)
+
+from models.backends import (
+    CPU_EP,
+    CUDA_EP,
+    TENSORRT_EP,
+    Choice,
+    EngineKind,
+    EngineUnavailable,
+    Hardware,
+    OrtBackend,
+    choose,
+    supported_precisions,
+)
 from models.bundle import BundleError, load_bundle
 from models.precision import MIN_AGREEMENT, MIN_CLASS_DICE, Precision, PrecisionCheck
 from server.engine import Engine

@@ -13,16 +13,16 @@ import SimpleITK as sitk
 import torch
 import yaml
 from fastapi.testclient import TestClient
-
 from helpers_torch import timm_model
+from phantoms import make_phantom, write_dataset
+from test_swin_and_pretraining import vdt_run, write_image_folder, write_released_format  # noqa: F401
+
 from inflation.config import TrainConfig
 from inflation.export import export_bundle
 from inflation.train import train
 from models.bundle import load_bundle
-from phantoms import make_phantom, write_dataset
 from server.app import create_app
 from server.settings import Settings
-from test_swin_and_pretraining import vdt_run, write_image_folder, write_released_format  # noqa: F401
 
 TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "feature_size": 8}
 LABELS = [{"name": "liver", "source": [1]}, {"name": "spleen", "source": [2]}]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers_torch import randomize_
+from phantoms import make_phantom, write_dataset
 from PIL import Image
 
-from helpers_torch import randomize_
 from inflation.config import TrainConfig
 from inflation.errors import WeightsFileError
 from inflation.init import build_model
@@ -19,7 +20,6 @@ from models.config import MergingLayout, ModelConfigError
 from models.nets import create_model
 from models.nets.swin import MONAI_0_9_ORDER, PatchMergingMonai09
 from models.registry import model_config
-from phantoms import make_phantom, write_dataset
 
 ROI = (32, 32, 64)  # Swin's smallest trainable ROI here: a bottleneck of 1 x 1 x 2
 HEADS = {"norm.weight": (192,), "norm.bias": (192,), "rotation_head.weight": (4, 192), "rotation_head.bias": (4,),
@@ -157,7 +157,7 @@ def ssl_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_ssl_pretraining_learns_and_writes_a_checkpoint_with_its_layout(ssl_run):
     from inflation.checkpoint import read_checkpoint
 
-    out, result = ssl_run
+    out, _ = ssl_run
     history = read_checkpoint(out / "ssl.pt")["meta"]["history"]
     first, last = (np.mean([h["inpainting"] for h in part]) for part in (history[:4], history[-4:]))
     assert last < first, (first, last)

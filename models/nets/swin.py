@@ -19,7 +19,7 @@ class PatchMergingMonai09(PatchMergingV2):
     """MONAI 0.9-1.4's 3D patch merging, order kept as it was (110 and 011 never used, 010 and 001 twice)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, d, h, w, c = x.shape
+        _, d, h, w, _ = x.shape
         if d % 2 or h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
         x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in MONAI_0_9_ORDER], -1)
