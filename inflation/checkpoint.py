@@ -34,14 +34,20 @@ def save_checkpoint(path: str | Path, model: ViTSegmenter, meta: dict[str, Any] 
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_torch_file(path: str | Path, what: str) -> Any:
+    """A torch file's contents (tensors and plain containers only: ``weights_only``); a missing or unreadable file
+    is a :class:`WeightsFileError` naming ``what`` was expected."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsFileError(f"checkpoint not found: {path}")
+        raise WeightsFileError(f"{what} not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsFileError(f"{path}: not a readable ctseg checkpoint ({type(err).__name__}: {err})") from None
+        raise WeightsFileError(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    payload = load_torch_file(path, "ctseg checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsFileError(f"{path}: not a ctseg checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r}, expected {FORMAT!r})")
     return payload

@@ -15,7 +15,6 @@ The checkpoint (``ssl.pt``) is a ctseg checkpoint of the Swin encoder (keys ``ne
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,17 +89,21 @@ def unlabelled_volumes(source: str | Path, spec: PreprocessSpec) -> list[np.ndar
     pre = Preprocessor(spec)
     volumes = []
     for item in items:
-        if item.is_file() and item.name.endswith((".nii", ".nii.gz")):
-            image = sitk.ReadImage(str(item))
-        elif item.is_dir():
-            reader = sitk.ImageSeriesReader()
-            ids = reader.GetGDCMSeriesIDs(str(item))
-            if not ids:
+        try:
+            if item.is_file() and item.name.endswith((".nii", ".nii.gz")):
+                image = sitk.ReadImage(str(item))
+            elif item.is_dir():
+                reader = sitk.ImageSeriesReader()
+                ids = reader.GetGDCMSeriesIDs(str(item))
+                if not ids:
+                    continue
+                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(item), ids[0]))
+                image = reader.Execute()
+            else:
                 continue
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(item), ids[0]))
-            image = reader.Execute()
-        else:
-            continue
+        except RuntimeError as err:  # SimpleITK's one exception type
+            reason = str(err).strip().splitlines()[-1][:200]
+            raise ConfigError(f"data: {item} could not be read as a CT ({reason})") from None
         volumes.append(pre.forward(image).array)
     if not volumes:
         raise ConfigError(f"data: no NIfTI file or DICOM series found in {source}")
@@ -200,7 +203,6 @@ def pretrain_ssl(cfg: SslConfig, resume: str | Path | None = None) -> dict[str, 
         return save_checkpoint(out / name, model, meta(), optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step)
 
-    started = time.time()
     model.train()
     while step < t.steps:
         x = random_crops(volumes, roi, t.batch_size, rng)
@@ -230,13 +232,4 @@ def pretrain_ssl(cfg: SslConfig, resume: str | Path | None = None) -> dict[str, 
                          record["loss"], record["rotation"], record["contrastive"], record["inpainting"])
             if step % t.ckpt_every == 0:
                 save("last.pt")
-    result: dict[str, Any] = {"steps": step, "seconds": round(time.time() - started, 1),
-                              "first_loss": history[0]["loss"] if history else None,
-                              "last_loss": history[-1]["loss"] if history else None}
-    if env.main:
-        save("last.pt")
-        save("ssl.pt")
-        writer.close()  # type: ignore[union-attr]
-        log.info("self-supervised encoder written to %s", out / "ssl.pt")
-    env.close()
-    return result
+    return run.finish(env, step, history, save, "ssl.pt")

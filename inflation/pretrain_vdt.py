@@ -17,7 +17,6 @@ The checkpoint (``vdt.pt``) is a ctseg checkpoint (kind ``vdt``): ``init: vdt`` 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +81,13 @@ def image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def vdt_volume(path: Path, size: int, depth: int, gen: torch.Generator) -> torch.Tensor:
     """An image as a (1, depth, size, size) volume: its channels as slices in shuffled order, centred in depth."""
-    with Image.open(path) as im:
-        im = im.convert("L") if im.mode in ("L", "I", "I;16", "F", "1", "LA") else im.convert("RGB")
-        im = im.resize((size, size), Image.BILINEAR)
-        array = np.asarray(im, dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode in ("L", "I", "I;16", "F", "1", "LA") else im.convert("RGB")
+            im = im.resize((size, size), Image.BILINEAR)
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data: {path} is not a readable image ({type(err).__name__}: {err})") from None
     slices = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     slices = slices[torch.randperm(len(slices), generator=gen)]
     volume = torch.zeros(1, depth, size, size)
@@ -141,7 +143,6 @@ def pretrain_vdt(cfg: VdtConfig, resume: str | Path | None = None) -> dict[str, 
         return save_checkpoint(out / name, model, meta(), optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), step=step)
 
-    started = time.time()
     model.train()
     while step < t.steps:
         picks = torch.randint(0, len(items), (t.batch_size,), generator=gen)
@@ -161,12 +162,4 @@ def pretrain_vdt(cfg: VdtConfig, resume: str | Path | None = None) -> dict[str, 
                 log.info("step %d/%d: loss %.4f, batch accuracy %.2f", step, t.steps, loss.item(), accuracy)
             if step % t.ckpt_every == 0:
                 save("last.pt")
-    result = {"steps": step, "seconds": round(time.time() - started, 1),
-              "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None}
-    if env.main:
-        save("last.pt")
-        save("vdt.pt")
-        writer.close()  # type: ignore[union-attr]
-        log.info("VDT-pre-trained encoder written to %s", out / "vdt.pt")
-    env.close()
-    return result
+    return run.finish(env, step, history, save, "vdt.pt")

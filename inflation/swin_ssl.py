@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from inflation.checkpoint import FORMAT
+from inflation.checkpoint import FORMAT, load_torch_file
 from inflation.errors import WeightsFileError
 from models.config import MergingLayout, SwinEncoderConfig
 
@@ -61,12 +61,7 @@ class KeyReport:
 
 def read_swin_ssl(path: str | Path) -> SwinWeights:
     path = Path(path)
-    if not path.is_file():
-        raise WeightsFileError(f"Swin self-supervised weights not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsFileError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from None
+    payload = load_torch_file(path, "Swin self-supervised weights file")
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         meta = payload.get("meta", {})
         enc = payload.get("model_config", {}).get("encoder", {})

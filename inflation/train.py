@@ -247,6 +247,20 @@ class PretrainRun:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.started = time.time()
+
+    def finish(self, env: Dist, step: int, history: list[dict[str, Any]], save: Any, final: str) -> dict[str, Any]:
+        """Rank 0 writes ``last.pt`` and the ``final`` checkpoint; every rank leaves the process group."""
+        result = {"steps": step, "seconds": round(time.time() - self.started, 1),
+                  "first_loss": history[0]["loss"] if history else None,
+                  "last_loss": history[-1]["loss"] if history else None}
+        if env.main:
+            save("last.pt")
+            path = save(final)
+            self.writer.close()  # type: ignore[union-attr]
+            log.info("pre-trained encoder written to %s", path)
+        env.close()
+        return result
 
 
 def lr_lambda(warmup: int, total: int):

@@ -42,8 +42,13 @@ class WindowOccupancy:
     """Answers "does this window hold any masked voxel?" in O(1) per window (a 3D summed-area table)."""
 
     def __init__(self, mask: np.ndarray) -> None:
-        table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
-        table[1:, 1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1).cumsum(2)
+        # int32 in place: one table of 4 bytes a voxel (a 512x512x1000 series' model grid: ~150 MB), not three
+        # int64 temporaries; int64 only for grids whose voxel count int32 cannot hold
+        dtype = np.int32 if mask.size < 2**31 else np.int64
+        table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=dtype)
+        table[1:, 1:, 1:] = mask
+        for axis in range(3):
+            np.cumsum(table, axis=axis, out=table)
         self.table = table
 
     def count(self, start: Triple, size: Triple) -> int:

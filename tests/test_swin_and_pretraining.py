@@ -328,3 +328,18 @@ def test_vdt_pretraining_runs_under_torchrun_on_two_cpu_processes(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_checkpoint(tmp_path / "out" / "vdt.pt")["step"] == 3
+
+
+def test_unreadable_pretraining_inputs_are_config_errors_naming_the_file(tmp_path):
+    from inflation.config import ConfigError
+    from inflation.pretrain_ssl import unlabelled_volumes
+    from inflation.pretrain_vdt import vdt_volume
+    from models.preprocess import PreprocessSpec
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ConfigError, match=r"broken.png is not a readable image"):
+        vdt_volume(tmp_path / "broken.png", 8, 5, torch.Generator())
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "scan.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ConfigError, match=r"scan.nii.gz could not be read as a CT"):
+        unlabelled_volumes(tmp_path / "ct", PreprocessSpec(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)))
