@@ -28,6 +28,7 @@ install: $(VENV)/.installed-dev
 install-serve: $(VENV)/.installed-serve
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: install-serve

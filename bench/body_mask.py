@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    from server.engine import Engine
+    from server.inference.engine import Engine
 
     image = clinical_fov(sitk.ReadImage(args.input), args.fov_mm)
     engine = Engine.from_dir(args.bundle)

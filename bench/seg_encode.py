@@ -21,8 +21,8 @@ from pydicom.uid import generate_uid
 from bundles import labels_only_bundle
 from dicom_factory import series_from_image
 from models.volume import Volume
-from server.dicom_input import DicomSeries, plan_series
-from server.dicom_seg import build_seg
+from server.imaging.dicom_reader import DicomSeries, plan_series
+from server.imaging.seg import build_seg
 
 
 def make_inputs(slices: int, n_labels: int):

@@ -190,7 +190,7 @@ def main() -> None:
     from models.backends import Choice, EngineKind, OpenVinoBackend, OrtBackend
     from models.bundle import load_bundle
     from models.precision import Precision
-    from server.engine import Engine
+    from server.inference.engine import Engine
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -144,7 +144,7 @@ def main() -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from server.engine import Engine
+    from server.inference.engine import Engine
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

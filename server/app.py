@@ -13,12 +13,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import ctseg
-from server.errors import BadGateway, InputError, InsufficientStorage, NotFound, PayloadTooLarge, ServiceUnavailable
-from server.routers import health, models, segmentations
-from server.security import PROBES, ApiKeyGuard
+from server.api.limits import BodySizeLimit
+from server.api.routes import health, models, segmentations
+from server.api.security import PROBES, ApiKeyGuard
+from server.core.errors import (
+    STORAGE_FULL,
+    BadGateway,
+    InputError,
+    InsufficientStorage,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    storage_full,
+)
+from server.core.settings import Settings
+from server.core.sqlite import StoreBusy
+from server.jobs.lock import StorageLock
 from server.service import SegmentationService
-from server.settings import Settings
-from server.uploads import BodySizeLimit
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +38,22 @@ log = logging.getLogger(__name__)
 QUIET_LOGGERS = ("dicomweb_client", "pynetdicom", "highdicom")
 
 
-def create_app(settings: Settings | None = None, service: SegmentationService | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, service: SegmentationService | None = None,
+               lock: StorageLock | None = None) -> FastAPI:
+    """``lock``: the storage lock, when the caller took it already (``ctseg serve`` does, before binding a port)."""
     settings = settings or Settings()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or SegmentationService(settings)
+        svc = service or SegmentationService(settings, lock)
         app.state.service = svc
-        await asyncio.get_running_loop().run_in_executor(None, svc.start)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, svc.start)
+        except BaseException:
+            svc.stop()  # what started goes, and the storage lock with it
+            raise
         cleaner = asyncio.create_task(_retention_loop(svc))
         log.info("ready: %s", ", ".join(svc.engines))
         try:
@@ -77,6 +94,11 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
 
 
 async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
+    if storage_full(exc):  # wherever it happened (a record, a file): the same 507, never a 500
+        log.error("storage full on %s %s", request.method, request.url.path)
+        return await _error_handler(request, InsufficientStorage(STORAGE_FULL))
+    if isinstance(exc, StoreBusy):
+        return await _error_handler(request, ServiceUnavailable("the job database is busy; retry later"))
     log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500)
 

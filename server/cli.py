@@ -20,11 +20,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from models.backends import EngineUnavailable
     from models.bundle import BundleError
     from server.app import create_app
-    from models.backends import EngineUnavailable
-    from server.engine import discover_bundles, engines_from_settings
-    from server.settings import Settings
+    from server.core.settings import Settings
+    from server.inference.engine import discover_bundles, engines_from_settings
+    from server.jobs.lock import StorageLock, StorageLocked
 
     log = logging.getLogger("ctseg.serve")
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("bundle_dirs", args.bundles)) if v}
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
             raise BundleError(f"no model bundle found in {', '.join(map(str, settings.bundle_dirs))} (CTSEG_BUNDLE_DIRS)")
         # checksums, manifests, engine and precision: before the server binds its port
         engines_from_settings(settings)
-    except (BundleError, EngineUnavailable, ValidationError, ValueError) as err:
+        lock = StorageLock(settings.storage_dir).acquire()  # one service per storage folder
+    except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError) as err:
         log.error("%s", err)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(create_app(settings, lock=lock), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
     return 0

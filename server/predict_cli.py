@@ -46,7 +46,7 @@ def _expand(path: Path, scratch: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if path.suffix.lower() == ".zip":
-        from server.uploads import ZipLimits, extract_zip
+        from server.core.archives import ZipLimits, extract_zip
 
         target = scratch / path.stem
         target.mkdir(parents=True)
@@ -55,14 +55,16 @@ def _expand(path: Path, scratch: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.engine import engines_from_settings
-    from server.errors import InputError, PayloadTooLarge
-    from server.pipeline import SegOptions, run_pipeline
-    from server.staging import select_input
-    from server.vocabulary import parse_outputs
-    from server.settings import Settings
-    from models.bundle import BundleError
     from models.backends import EngineUnavailable
+    from models.bundle import BundleError
+    from server.core.errors import InputError, PayloadTooLarge
+    from server.core.settings import Settings
+    from server.core.vocabulary import parse_outputs
+    from server.inference.engine import engines_from_settings
+    from server.core.vocabulary import DestinationChoice, OriginKind
+    from server.inference.pipeline import run_pipeline
+    from server.jobs.model import JobSpec, Origin, settle_outputs
+    from server.jobs.staging import select_input
 
     overrides = {k: v for k, v in (("bundle_dirs", args.bundles), ("device", args.device)) if v}
     try:
@@ -86,15 +88,18 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 chosen = select_input(_expand(item, Path(scratch)), args.series_uid, {engine.bundle.modality})
-                result = run_pipeline(engine, chosen.kind, chosen.files, args.out / name, outputs, chosen.series_uid,
-                                      SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression),
+                spec = JobSpec(engine.bundle.name, outputs, chosen.series_uid, (), DestinationChoice.DEFAULT,
+                               Origin(OriginKind.UPLOAD))
+                fitting, _, notes = settle_outputs(chosen.kind, spec, strict=False)
+                result = run_pipeline(engine, chosen.kind, chosen.files, args.out / name, fitting, chosen.series_uid,
+                                      settings.seg_options(),
                                       ProgressBar(name), chosen.display_name)
             except (InputError, PayloadTooLarge) as err:
                 log.error("%s: %s", item, err)
                 failures += 1
                 continue
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        print(f"{item} -> {args.out / name}: {', '.join(result.produced)} ({stages})")
-        for note in result.notes:
+        print(f"{item} -> {args.out / name}: {', '.join(r.value for r in result.produced)} ({stages})")
+        for note in notes + result.notes:
             print(f"  note: {note}")
     return 1 if failures else 0

@@ -1,52 +1,71 @@
-"""The segmentation service: engines, the job store, the workers, the outbox and the DICOM node.
+"""The segmentation service: engines, the job store and queue, the outbox and the DICOM node, wired together.
 
 Every job, whatever brought its input, goes the same way: :meth:`SegmentationService.open_job` (a ``staging``
 record and an empty input folder), the caller fills the folder (upload, C-STORE, pull),
-:meth:`SegmentationService.stage_and_enqueue` checks it once (server/staging.py) and queues it.
+:meth:`SegmentationService.stage_and_enqueue` checks it once (server/jobs/staging.py) and queues it. The API's
+routes call the methods of this class and nothing below it.
+
+At start the service takes the storage lock (one service per storage folder) and recovers what the last stop left:
+runs that were in progress go back to the queue (their workers died with the service), received series that were
+being made into jobs are staged again, uploads and pulls that were cut off are failed with the reason (their
+client never got an answer), associations that were open count as aborted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-from server.dicom_listener import DicomListener
-from server.engine import Engine, engines_from_settings
-from server.errors import InputError, NotFound, PayloadTooLarge, QueueFull, ServiceUnavailable
-from server.incoming import IncomingSeries, IncomingStore
-from server.job_input import Origin
-from server.jobs import Job, JobState, JobStore
-from server.metrics import Metrics
-from server.nodes import DimseNode, Route
-from server.outbox import Outbox
-from server.settings import Settings
-from server.sources import retrieve
-from server.staging import stage
-from server.vocabulary import ErrorKind, InputKind, OriginKind, Output
-from server.workers import ProcessWorkers, ThreadWorkers, Workers
+from server.core.errors import (
+    InputError,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ServiceUnavailable,
+)
+from server.core.metrics import Metrics
+from server.core.nodes import DimseNode, Route
+from server.core.settings import Settings
+from server.core.vocabulary import (
+    DestinationChoice,
+    ErrorKind,
+    OriginKind,
+    Output,
+    ResultFile,
+)
+from server.dicomnode.arrivals import ArrivalStore, ArrivedSeries
+from server.dicomnode.listener import DicomListener
+from server.inference.engine import Engine, engines_from_settings
+from server.jobs.files import JobFiles
+from server.jobs.local_queue import ProcessWorkers, ThreadWorkers, open_store
+from server.jobs.lock import StorageLock
+from server.jobs.model import (
+    Claim,
+    Delivery,
+    Job,
+    JobRequest,
+    JobSpec,
+    JobState,
+    Origin,
+    StagedInput,
+    settle_outputs,
+)
+from server.jobs.outbox import Outbox
+from server.jobs.queue import JobQueue
+from server.jobs.staging import stage
+from server.jobs.store import Requeued
+from server.pacs import retrieve
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = {"labelmap.nii.gz", "seg.dcm", "preview.png", "volumes.json"}
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """What is asked of a job before its input is known."""
-
-    model: str | None
-    outputs: tuple[Output, ...]
-    series_uid: str | None
-    origin: Origin
-    destinations: tuple[str, ...] | None = None  # None: the default rule (sender, else the default destinations)
+WAIT_POLL_S = 0.1
 
 
 class SegmentationService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, lock: StorageLock | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         # In process mode these engines give the bundles' facts only; the workers open the sessions.
@@ -57,54 +76,140 @@ class SegmentationService:
         for route in settings.routes:
             if route.model is not None and route.model not in self.engines:
                 raise NotFound(f"a route names model {route.model!r}, which is not among {sorted(self.engines)}")
-        self.store = JobStore(settings.storage_dir)
-        self.workers: Workers
-        if settings.worker_mode == "process":
-            self.workers = ProcessWorkers(settings, self._finished, self._crashed)
-        else:
-            self.workers = ThreadWorkers(settings, self.engines, self.store, self._finished)
-        self.outbox = Outbox(settings, self.store, self.metrics)
-        self.listener: DicomListener | None = None
-        if settings.dicom_port is not None:
-            self.listener = DicomListener(settings, IncomingStore(settings.storage_dir), self.metrics, self.route_received)
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._waiting: set[str] = set()  # received series that wait for room in the queue
+        self.lock = lock or StorageLock(settings.storage_dir)
         self.ready = False
+        self._stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._waiting_series: set[str] = set()  # received series that wait for room in the queue
+
+    def _open(self) -> None:
+        """Everything that touches the storage folder, once its lock is held."""
+        s = self.settings
+        self.store = open_store(s)
+        self.files = JobFiles(s.storage_dir)
+        self.queue: JobQueue
+        if s.worker_mode == "process":
+            self.queue = ProcessWorkers(s, self._finished, self._lost)
+        else:
+            self.queue = ThreadWorkers(s, self.engines, self.store, self.files, self._finished)
+        self.outbox = Outbox(s, self.store, self.files, self.metrics)
+        self.arrivals: ArrivalStore | None = None
+        self.listener: DicomListener | None = None
+        if s.dicom_port is not None:
+            self.arrivals = ArrivalStore(s.storage_dir, s.db_busy_timeout_s, s.db_patience_s)
+            self.listener = DicomListener(s, self.arrivals, self.metrics, self.route_received, self.refuse_cut_off)
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         # Uploads, received instances and results hold patient data: readable by the service user only. Set before
         # the worker processes start, which inherit it.
         os.umask(0o077)
+        self.settings.storage_dir.mkdir(parents=True, exist_ok=True)
         self.settings.storage_dir.chmod(0o700)
-        queued, interrupted = self.store.recover()
-        if interrupted:
-            log.warning("%d job(s) were interrupted by the last stop and are marked failed", len(interrupted))
-        self.workers.start()
+        if not self.lock.held:
+            self.lock.acquire()
+        self._open()
+        self.recover()
+        self.queue.start()
         for engine in self.engines.values():
             engine.ready = True  # warmed up by the workers (or by ThreadWorkers.start in this process)
-        for job_id in queued:
-            self._enqueue(job_id)
+        for job in self.store.in_state(JobState.QUEUED):
+            self.queue.submit(job.id)
         self.cleanup()
         self.outbox.start()
         if self.listener is not None:
             self.listener.start()
+            self._recover_routing()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="ctseg-sweeper", daemon=True)
+        self._sweeper.start()
         self.ready = True
 
     def stop(self) -> None:
         self.ready = False
+        self._stopping.set()
+        if getattr(self, "store", None) is None:
+            self.lock.release()
+            return
         if self.listener is not None:
             self.listener.stop()
         self.outbox.stop()
-        self.workers.stop()
+        self.queue.stop()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5.0)
         self.store.close()
+        if self.arrivals is not None:
+            self.arrivals.close()
+        self.lock.release()
+
+    def recover(self) -> None:
+        """What the last stop left, found with the storage lock held (so no other service is running it)."""
+        s = self.settings
+        for r in self.store.requeue_running("the service stopped while this job ran", s.job_max_attempts):
+            self._count_requeue(r, "restart")
+        released = self.store.release_delivery_claims()
+        if released:
+            log.info("%d delivery claim(s) of the last run released", released)
+        routing = {job_id for _, job_id in self.arrivals.in_routing()} if self.arrivals is not None else set()
+        for job in self.store.in_state(JobState.STAGING):
+            if job.id in routing:
+                continue  # a received series: staged again once the listener is up (_recover_routing)
+            if job.origin.kind == OriginKind.DIMSE:
+                self.store.cancel(job.id)  # made before its series was claimed: the series is routed again
+                self.files.remove(job.id)
+                continue
+            if self.store.refuse(job.id, ErrorKind.INTERRUPTED, "interrupted: the service stopped while this "
+                                 "job's input was arriving; send it again"):
+                log.warning("job %s: its input was cut off by the last stop; failed", job.id)
+            self.files.remove_input(job.id)
+        known = self.store.all_ids()
+        for orphan in self.files.job_ids() - known:
+            self.files.remove(orphan)  # a job deleted while a run wrote, or a record never committed
+
+    def _recover_routing(self) -> None:
+        assert self.arrivals is not None  # noqa: S101
+        for series_uid, job_id in self.arrivals.in_routing():
+            job = self.store.get(job_id)
+            series = self.arrivals.get(series_uid)
+            if job is None or series is None:
+                self.arrivals.abandon_routing(series_uid)
+            elif job.state == JobState.STAGING:
+                log.warning("job %s: its received series was being staged when the service stopped; staging it "
+                            "again", job_id)
+                self.files.remove_input(job_id)
+                self._stage_received(job, series)
+            else:
+                self.arrivals.routed(series_uid, job_id)
 
     def cleanup(self) -> int:
         expired = self.store.expired(self.settings.retention_hours * 3600)
         for job_id in expired:
-            self.store.delete(job_id)
+            self.store.cancel(job_id)
+            self.files.remove(job_id)
         return len(expired)
+
+    def _sweep_loop(self) -> None:
+        every = max(0.2, self.settings.job_lease_s / 3)
+        while not self._stopping.wait(every):
+            try:
+                self.sweep()
+            except Exception:  # the next round tries again
+                log.exception("sweep failed")
+
+    def sweep(self) -> None:
+        """Runs whose lease expired (a paused, cut off or stopped worker) go back to the queue."""
+        for r in self.store.requeue_expired(time.time(), self.settings.job_max_attempts):
+            self._count_requeue(r, "lease")
+
+    def _count_requeue(self, r: Requeued, reason: str) -> None:
+        self.metrics.job_attempts.labels(reason).inc()
+        if r.state == JobState.QUEUED:
+            log.warning("job %s: run %d ended without a result (%s); queued again", r.job_id, r.attempt, reason)
+            if getattr(self, "queue", None) is not None and self.ready:
+                self.queue.submit(r.job_id)
+        else:
+            log.error("job %s: run %d ended without a result (%s); failed after %d run(s)", r.job_id, r.attempt,
+                      reason, r.attempt)
+            self.files.remove_input(r.job_id)
 
     # ---------------------------------------------------------------------------------------- jobs
     def engine(self, name: str | None) -> Engine:
@@ -113,68 +218,78 @@ class SegmentationService:
             raise NotFound(f"unknown model {key!r}; available: {', '.join(sorted(self.engines))}")
         return self.engines[key]
 
-    def _destinations_for(self, request: JobRequest) -> list[str]:
+    def _spec(self, request: JobRequest) -> JobSpec:
+        """The model and destinations a request resolves to (the rule is README's 'which SEGs go where')."""
+        engine = self.engine(request.model)
         known = {d.name for d in self.settings.destinations}
+        choice, destinations = DestinationChoice.DEFAULT, list(self.settings.default_destinations)
         if request.destinations is not None:
             unknown = [n for n in request.destinations if n not in known]
             if unknown:
                 raise InputError(f"unknown destination(s) {', '.join(map(repr, unknown))}; configured: "
                                  f"{', '.join(sorted(known)) or 'none (CTSEG_DESTINATIONS)'}")
-            return list(dict.fromkeys(request.destinations))
-        if request.origin.kind == OriginKind.DIMSE:  # back to the sender when it is a destination
+            choice, destinations = DestinationChoice.NAMED, list(dict.fromkeys(request.destinations))
+        elif request.origin.kind == OriginKind.DIMSE:  # back to the sender when it is a destination
             sender = [d.name for d in self.settings.destinations
                       if isinstance(d, DimseNode) and d.ae_title == request.origin.calling_ae_title]
             if sender:
-                return sender[:1]
-        return list(self.settings.default_destinations)
+                choice, destinations = DestinationChoice.SENDER, sender[:1]
+        return JobSpec(engine.bundle.name, request.outputs, request.series_uid, tuple(destinations), choice,
+                       request.origin)
 
-    def open_job(self, request: JobRequest) -> Job:
+    def open_job(self, request: JobRequest, supersedes: str | None = None) -> Job:
         """A ``staging`` job whose input folder the caller fills; then :meth:`stage_and_enqueue`."""
-        engine = self.engine(request.model)
-        destinations = self._destinations_for(request)
-        if self.workers.start_error:
-            raise ServiceUnavailable(f"no worker can run jobs ({self.workers.start_error}); see the service log")
+        spec = self._spec(request)
+        if self.queue.start_error:
+            raise ServiceUnavailable(f"no worker can run jobs ({self.queue.start_error}); see the service log")
         if self.store.active() >= self.settings.max_queue:
             raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
-        params = {"outputs": [o.value for o in request.outputs], "series_uid": request.series_uid,
-                  "destinations_named": request.destinations is not None}
-        job = self.store.create(engine.bundle.name, params, request.origin, destinations)
-        self.input_dir(job.id).mkdir()
+        job = self.store.create(spec, supersedes)
+        self.files.make_input_dir(job.id)
         return job
 
     def input_dir(self, job_id: str) -> Path:
-        return self.store.job_dir(job_id) / "input"
+        return self.files.input_dir(job_id)
+
+    def _stage(self, job: Job) -> tuple[JobSpec, list[str], StagedInput]:
+        engine = self.engine(job.model)
+        staged = stage(self.files.input_dir(job.id), job.origin, job.spec.series_uid, {engine.bundle.modality},
+                       self.settings.zip_limits())
+        outputs, destinations, notes = settle_outputs(staged.kind, job.spec)
+        spec = JobSpec(job.spec.model, outputs, job.spec.series_uid, destinations, job.spec.destination_choice,
+                       job.spec.origin)
+        return spec, notes, staged
 
     def stage_and_enqueue(self, job: Job) -> Job:
         """Check the job's input once, record what was chosen, queue it. Raises the input's error."""
-        engine = self.engine(job.model)
-        staged = stage(self.input_dir(job.id), job.origin or Origin(OriginKind.UPLOAD), job.params.get("series_uid"),
-                       {engine.bundle.modality}, self.settings.zip_limits())
-        outputs = list(job.outputs_requested)
-        destinations = list(job.destinations)
-        if staged.kind == InputKind.NIFTI and destinations:
-            if job.params.get("destinations_named"):
-                raise InputError("destinations receive a DICOM-SEG, which needs DICOM input: a NIfTI file carries no "
-                                 "source instances to reference")
-            destinations = []  # default destinations take the SEGs of DICOM jobs only
-        if destinations and Output.DICOM_SEG.value not in outputs:
-            outputs.append(Output.DICOM_SEG.value)  # a destination is a request for the SEG
-        self.store.update(job.id, params={**job.params, "outputs": outputs}, destinations=destinations)
-        self.store.staged(job.id, staged)
-        self._enqueue(job.id)
-        self.metrics.queue_depth.set(self.store.active())
+        spec, notes, staged = self._stage(job)
+        self._enqueue(job, staged, spec, notes)
         return self.get(job.id)
 
+    def _enqueue(self, job: Job, staged: StagedInput, spec: JobSpec, notes: list[str]) -> None:
+        if not self.store.mark_staged(job.id, staged, spec, notes):
+            raise NotFound(f"segmentation job {job.id} was removed while its input was checked")
+        self.queue.submit(job.id)
+        self.metrics.queue_depth.set(self.store.active())
+
     def discard(self, job_id: str) -> None:
-        """A job whose input never got staged, removed with its files (the client got the error)."""
-        self.store.delete(job_id)
+        """A job whose input never got staged, removed with its files (the client got the error). Files first: on a
+        full disk they make the room the record's removal needs; a record that still cannot go stays ``staging``
+        and is failed at the next start."""
+        self.files.remove(job_id)
+        try:
+            self.store.cancel(job_id)
+        except Exception as err:  # noqa: BLE001 - the caller's own error is the one to report
+            log.error("job %s: its record could not be removed (%s)", job_id, type(err).__name__)
 
     def fail_staging(self, job_id: str, error: Exception) -> None:
         """A job whose input was refused, kept as a failed record (for inputs nobody is waiting on: C-STORE)."""
-        shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
+        self.files.remove_input(job_id)
         kind = ErrorKind.INPUT if isinstance(error, (InputError, PayloadTooLarge)) else ErrorKind.INTERNAL
         message = str(error) if kind == ErrorKind.INPUT else f"internal error: {type(error).__name__}"
-        self.store.fail(job_id, kind, message)
+        if kind == ErrorKind.INTERNAL:
+            log.error("job %s: staging failed", job_id, exc_info=error)
+        self.store.refuse(job_id, kind, message)
         log.warning("job %s failed on its input: %s", job_id, message)
 
     def pull(self, request: JobRequest, source: str, study_uid: str, series_uid: str) -> Job:
@@ -185,68 +300,102 @@ class SegmentationService:
             raise NotFound(f"unknown source {source!r}; configured: {known}")
         job = self.open_job(request)
         try:
-            retrieve(node, study_uid, series_uid, self.input_dir(job.id), self.settings.dicom_ae_title)
+            retrieve(node, study_uid, series_uid, self.files.input_dir(job.id), self.settings.dicom_ae_title)
             return self.stage_and_enqueue(job)
         except BaseException:
             self.discard(job.id)
             raise
 
-    def route_received(self, series: IncomingSeries, route: Route | None) -> None:
-        """A received series is complete (server/dicom_listener.py): run it, or say why not."""
-        listener = self.listener
-        if listener is None:
-            raise RuntimeError("route_received needs the DICOM listener")
-        origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
-        if route is None and not series.aborted:
-            listener.incoming.drop(series.series_uid)
+    # ---------------------------------------------------------------------------------------- received series
+    def route_received(self, series: ArrivedSeries, route: Route | None) -> None:
+        """A received series is complete and quiet (server/dicomnode/listener.py): run it whole, or say why not."""
+        assert self.arrivals is not None  # noqa: S101
+        if route is None:
+            self.arrivals.evaluated(series.series_uid, series.instances)
             self.metrics.dicom_series.labels("unrouted").inc()
-            log.info("received %s series of %d slice(s) from %s: no route takes it; dropped", series.modality or "?",
+            log.info("received %s series of %d slice(s) from %s: no route takes it; not run", series.modality or "?",
                      series.frames, series.calling_ae_title)
             return
-        request = JobRequest(route.model if route else None, (Output.DICOM_SEG,), series.series_uid, origin,
-                             tuple(route.destinations) if route and route.destinations is not None else None)
+        origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
+        request = JobRequest(route.model, (Output.DICOM_SEG,), series.series_uid, origin,
+                             tuple(route.destinations) if route.destinations is not None else None)
         try:
-            job = self.open_job(request)
+            job = self.open_job(request, supersedes=series.job_id)
         except ServiceUnavailable as err:  # full queue or no worker: the series waits and is tried again
-            if series.series_uid not in self._waiting:  # one line per series, not one per routing round
-                self._waiting.add(series.series_uid)
+            if series.series_uid not in self._waiting_series:  # one line per series, not one per round
+                self._waiting_series.add(series.series_uid)
                 log.warning("a received series waits: %s", err)
             return
-        self._waiting.discard(series.series_uid)
-        if not listener.incoming.take(series.series_uid, self.input_dir(job.id)):
+        self._waiting_series.discard(series.series_uid)
+        if not self.arrivals.begin_routing(series.series_uid, job.id, series.instances):
             self.discard(job.id)
             return
-        if series.aborted:
-            self.metrics.dicom_series.labels("aborted").inc()
-            self.fail_staging(job.id, InputError(
-                "not run: the association that sent this series ended without release (sender stopped or "
-                "connection cut), so the series may be incomplete; send it again"))
-            return
-        self.metrics.dicom_series.labels("routed").inc()
+        self.metrics.dicom_series.labels("rerouted" if series.job_id else "routed").inc()
+        self._stage_received(job, series)
+
+    def _stage_received(self, job: Job, series: ArrivedSeries) -> None:
+        """Link the series' instances into the job, stage it, replace the job made of an earlier part, queue it.
+        A crash anywhere here is resumed at the next start (the arrival keeps ``staging_job`` until the end)."""
+        assert self.arrivals is not None  # noqa: S101
+        self.arrivals.link_into(series.series_uid, self.files.input_dir(job.id))
         try:
-            self.stage_and_enqueue(self.get(job.id))
-            log.info("job %s queued: %s series of %d slice(s) received from %s", job.id, series.modality,
-                     series.frames, series.calling_ae_title)
+            spec, notes, staged = self._stage(job)
         except Exception as err:  # noqa: BLE001 - every refusal is recorded on the job
+            self._supersede(job, [])  # the earlier part is not the series either: its SEG is not sent
             self.fail_staging(job.id, err)
+            self.arrivals.routed(series.series_uid, job.id)
+            return
+        self._supersede(job, notes)
+        self._enqueue(job, staged, spec, notes)
+        self.arrivals.routed(series.series_uid, job.id)
+        log.info("job %s queued: %s series of %d slice(s) received from %s%s", job.id, series.modality,
+                 series.frames, series.calling_ae_title, f", superseding job {job.supersedes}" if job.supersedes else "")
 
-    def _enqueue(self, job_id: str) -> None:
-        with self._lock:
-            self._events[job_id] = threading.Event()
-        self.workers.submit(job_id)
+    def _supersede(self, job: Job, notes: list[str]) -> None:
+        if job.supersedes is None:
+            return
+        outcome = self.store.supersede(job.supersedes, job.id)
+        if outcome is None:
+            return
+        notes.append(f"supersedes job {job.supersedes}: more instances of the series arrived after it was made "
+                     f"(it was {outcome.previous_state.value}); its {outcome.cancelled_deliveries} undelivered SEG(s) "
+                     "are not sent")
+        if outcome.reuse_seg_uids:
+            notes.append(f"job {job.supersedes}'s SEG reached {', '.join(outcome.delivered_to)}: this SEG has the same "
+                         "Series and SOP Instance UIDs, so a destination that overwrites instances replaces it; one "
+                         "that keeps the first copy keeps the earlier SEG")
+        log.warning("job %s supersedes job %s (more instances of its series arrived)", job.id, job.supersedes)
 
+    def refuse_cut_off(self, series: ArrivedSeries) -> None:
+        """A series cut off by an aborted association and not sent again within the hold: a failed job says so."""
+        assert self.arrivals is not None  # noqa: S101
+        spec = JobSpec(self.default_model, (Output.DICOM_SEG,), series.series_uid, (), DestinationChoice.DEFAULT,
+                       Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title))
+        job = self.store.create(spec)
+        hold = self.settings.dicom_incomplete_hold_minutes
+        self.store.refuse(job.id, ErrorKind.INPUT,
+                          "not run: the association that sent this series ended without release (sender stopped or "
+                          f"connection cut) and the series was not sent again complete within {hold:g} min; send it "
+                          "again")
+        log.warning("job %s: a received series cut off by an aborted association was not run", job.id)
+        self.arrivals.drop(series.series_uid)
+
+    # ---------------------------------------------------------------------------------------- reading
     def wait(self, job_id: str, timeout: float) -> bool:
-        event = self._events.get(job_id)
-        return True if event is None else event.wait(timeout)
+        """Until the job is finished (or gone), polling the store: any process may be running it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.store.get(job_id)
+            if job is None or job.state.finished:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(WAIT_POLL_S)
 
     def cancel(self, job_id: str) -> None:
-        job = self.store.get(job_id)
-        if job is None:
+        if not self.store.cancel(job_id):  # a running job finds its claim gone at its next write and stops
             raise NotFound(f"no segmentation job {job_id}")
-        self.store.delete(job_id)  # a running job notices at its next progress report and stops
-        event = self._events.pop(job_id, None)
-        if event:
-            event.set()
+        self.files.remove(job_id)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -254,39 +403,57 @@ class SegmentationService:
             raise NotFound(f"no segmentation job {job_id}")
         return job
 
-    def result_path(self, job_id: str, name: str) -> Path:
+    def list_jobs(self, limit: int, state: JobState | None, before: float | None) -> list[Job]:
+        return self.store.list(limit, state, before)
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        return self.store.deliveries(job_id)
+
+    def result_path(self, job_id: str, name: str) -> tuple[Path, ResultFile]:
         job = self.get(job_id)
-        if name not in OUTPUT_FILES:
-            raise NotFound(f"no result named {name!r}")
+        try:
+            result = ResultFile(name)
+        except ValueError:
+            raise NotFound(f"no result named {name!r}") from None
         if job.state != JobState.SUCCEEDED:
             raise NotFound(f"job {job_id} is {job.state.value}; results exist once it has succeeded")
-        if name not in job.outputs:
-            raise NotFound(f"job {job_id} has no {name} (outputs requested: {', '.join(job.outputs_requested)})")
-        return self.store.job_dir(job_id) / name
+        if result not in job.results:
+            raise NotFound(f"job {job_id} has no {name} (outputs requested: "
+                           f"{', '.join(o.value for o in job.spec.outputs)})")
+        return self.files.result_path(job, result), result
+
+    def readiness(self) -> tuple[bool, str]:
+        queue = getattr(self, "queue", None)
+        ready = self.ready and queue is not None and queue.healthy and all(e.ready for e in self.engines.values())
+        if ready:
+            return True, "ready"
+        if queue is not None and queue.start_error:
+            return False, f"no worker: {queue.start_error}"
+        return False, "starting"
+
+    def metrics_text(self) -> bytes:
+        if self.arrivals is not None:
+            for reason, n in self.arrivals.waiting().items():
+                self.metrics.dicom_waiting.labels(reason).set(n)
+        return self.metrics.render(self.store.counts(), self.store.outbox_stats())
 
     # ---------------------------------------------------------------------------------------- completion
     def _finished(self, job_id: str) -> None:
-        """A worker is done with the job (whatever its state): metrics, deliveries, and wake a waiting request."""
+        """A run of the job ended (whatever its outcome): metrics, and deliveries may be due."""
         final = self.store.get(job_id)
-        if final is not None:
+        if final is not None and final.state.finished:
             self.metrics.jobs_finished.labels(state=final.state.value).inc()
             if final.timings:
                 self.metrics.inference_seconds.observe(sum(final.timings.values()))
         self.metrics.queue_depth.set(self.store.active())
         self.outbox.wake()
-        event = self._events.pop(job_id, None)
-        if event:
-            event.set()
 
-    def _crashed(self, job_id: str, exit_code: int | None) -> None:
-        """The worker process holding the job stopped: fail it with the reason, or queue it again if not begun."""
-        job = self.store.get(job_id)
-        if job is not None and job.state == JobState.QUEUED:
-            self.workers.submit(job_id)
-            return
-        if job is not None and job.state == JobState.RUNNING:
-            how = "killed (out of memory?)" if exit_code == -9 else f"exit code {exit_code}"
-            self.store.fail(job_id, ErrorKind.INTERNAL, f"the worker process running this job stopped ({how}); "
-                                                        "submit it again")
-            shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
-        self._finished(job_id)
+    def _lost(self, claim: Claim, exit_code: int | None) -> None:
+        """The worker process holding a run died: the run goes back to the queue (up to the attempt limit)."""
+        how = "killed (out of memory?)" if exit_code == -9 else f"exit code {exit_code}"
+        requeued = self.store.release(claim, f"the worker process running it stopped ({how})",
+                                      self.settings.job_max_attempts)
+        if requeued is not None:
+            self._count_requeue(requeued, "worker")
+        self.files.remove_run(claim.job_id, claim.attempt)
+        self._finished(claim.job_id)

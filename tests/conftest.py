@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 
 import pytest
+
+import common
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -18,3 +21,18 @@ def intensity_bundle(tmp_path_factory: pytest.TempPathFactory):
     from bundles import write_intensity_bundle
 
     return write_intensity_bundle(tmp_path_factory.mktemp("bundles") / "intensity-test")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):  # type: ignore[no-untyped-def]
+    """A 24 MB tmpfs: a real full disk (needs root to mount; CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        common.require_tool(None, f"a tmpfs mount for a full disk (mount said: {proc.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -24,7 +24,7 @@ from dicom_factory import (
 from models.volume import Geometry
 from phantoms import Organ, make_phantom
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 
 BLOCK = Organ(2, "block", (10.0, -6.0, 8.0), (8.0, 8.0, 8.0), 400.0)  # bright: nearest centre 0.95 -> label 2
 
@@ -195,8 +195,8 @@ def test_anonymiser_blanked_sop_class_is_taken_from_the_file_meta(client):
 
 
 def test_each_result_has_its_own_seg_and_tracking_uids():
-    from server.dicom_seg import build_seg
-    from server.dicom_input import load_series
+    from server.imaging.seg import build_seg
+    from server.imaging.dicom_reader import load_series
     from bundles import labels_only_bundle
 
     image, _ = phantom("axial")
@@ -259,7 +259,7 @@ def test_preview_of_a_long_scan_is_bounded_and_shows_the_label():
 
     from models.labels import label_for
     from models.volume import Geometry, Volume
-    from server.preview import PANEL, render_preview
+    from server.imaging.preview import PANEL, render_preview
 
     shape = (600, 40, 300)  # (D, H, W): longer than a panel along depth and width
     ct = np.full(shape, -1000, np.int16)

@@ -13,10 +13,11 @@ from fastapi.testclient import TestClient
 from dicom_factory import series_from_image, to_bytes
 from phantoms import make_phantom
 from server.app import create_app
-from server.job_input import Origin, StagedInput
-from server.jobs import JobState, JobStore
-from server.vocabulary import InputKind, OriginKind
-from server.settings import Settings
+from server.core.settings import Settings
+from server.core.vocabulary import DestinationChoice, InputKind, OriginKind, Output
+from server.jobs.files import JobFiles
+from server.jobs.model import JobSpec, Origin, StagedInput
+from server.jobs.sqlite_store import SqliteJobStore
 from test_api import nifti_bytes, phantom, post
 
 
@@ -142,38 +143,54 @@ def test_no_patient_identifiers_in_logs_and_inputs_removed(client, caplog):
     text = caplog.text
     assert "succeeded in" in text and "failed on its input" in text  # the worker process's log is here too
     assert "Phantom^Test" not in text and "PHANTOM-001" not in text and "19700101" not in text
-    store = client.app.state.service.store
+    store = client.app.state.service.files
     assert not (store.job_dir(ok["id"]) / "input").exists()
     assert not (store.job_dir(failed.json()["job"]["id"]) / "input").exists()
 
 
-def test_restart_marks_interrupted_jobs_failed_and_runs_queued_ones(intensity_bundle, tmp_path):
+def test_restart_runs_interrupted_and_queued_jobs_again_and_fails_cut_off_uploads(intensity_bundle, tmp_path):
     storage = tmp_path / "storage"
-    store = JobStore(storage)
+    store, files = SqliteJobStore(storage), JobFiles(storage)
     upload = Origin(OriginKind.UPLOAD)
-    running = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [], state=JobState.RUNNING)
-    # an upload cut off by the stop: its record says staging and its input is partial
-    cut_off = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [])
-    (store.job_dir(cut_off.id) / "input").mkdir()
-    (store.job_dir(cut_off.id) / "input" / "00000_ct.nii.gz").write_bytes(b"\x1f\x8b partial")
-    queued = store.create("intensity-test", {"outputs": ["nifti"]}, upload, [])
-    (store.job_dir(queued.id) / "input").mkdir()
+    spec = JobSpec("intensity-test", (Output.NIFTI,), None, (), DestinationChoice.DEFAULT, upload)
     image, _ = phantom()
-    (store.job_dir(queued.id) / "input" / "00000_ct.nii.gz").write_bytes(nifti_bytes(image))
-    store.staged(queued.id, StagedInput(InputKind.NIFTI, ("00000_ct.nii.gz",), None, "the NIfTI volume", upload))
+
+    def staged_job() -> str:
+        job = store.create(spec)
+        files.make_input_dir(job.id)
+        (files.input_dir(job.id) / "00000_ct.nii.gz").write_bytes(nifti_bytes(image))
+        assert store.mark_staged(job.id, StagedInput(InputKind.NIFTI, ("00000_ct.nii.gz",), None, "the NIfTI volume",
+                                                     upload), spec, [])
+        return job.id
+
+    # a run in progress when the service died: its worker died with it
+    running = staged_job()
+    assert store.claim(running, "gone-worker", lease_s=3600) is not None
+    # a job that already ran as often as allowed
+    exhausted = staged_job()
+    for _ in range(2):
+        claim = store.claim(exhausted, "gone-worker", lease_s=3600)
+        store.release(claim, "test", max_attempts=5)
+    store.claim(exhausted, "gone-worker", lease_s=3600)
+    # an upload cut off by the stop: its record says staging and its input is partial
+    cut_off = store.create(spec)
+    files.make_input_dir(cut_off.id)
+    (files.input_dir(cut_off.id) / "00000_ct.nii.gz").write_bytes(b"\x1f\x8b partial")
+    queued = staged_job()
     store.close()
-    with make_client(intensity_bundle, tmp_path) as c:
-        interrupted = c.get(f"/v1/segmentations/{running.id}").json()
-        assert interrupted["state"] == "failed" and "interrupted" in interrupted["error"]
+    with make_client(intensity_bundle, tmp_path, job_max_attempts=3) as c:
         partial = c.get(f"/v1/segmentations/{cut_off.id}").json()
         assert partial["state"] == "failed" and "input was arriving" in partial["error"]
         assert not (storage / "jobs" / cut_off.id / "input").exists()
-        for _ in range(100):
-            job = c.get(f"/v1/segmentations/{queued.id}").json()
-            if job["state"] == "succeeded":
-                break
-            time.sleep(0.05)
-        assert job["state"] == "succeeded"
+        failed = c.get(f"/v1/segmentations/{exhausted}").json()
+        assert failed["state"] == "failed" and failed["error_kind"] == "interrupted"
+        assert "ran 3 time(s) without a result" in failed["error"]
+        for job_id in (running, queued):
+            c.app.state.service.wait(job_id, 60)
+            job = c.get(f"/v1/segmentations/{job_id}").json()
+            assert job["state"] == "succeeded", job
+        again = c.get(f"/v1/segmentations/{running}").json()
+        assert again["attempt"] == 2 and any("service stopped while this job ran" in n for n in again["notes"])
 
 
 def test_status_answers_fast_while_a_job_runs(intensity_bundle, tmp_path):
@@ -209,7 +226,7 @@ def test_deleting_a_running_job_cancels_it_and_leaves_no_files(intensity_bundle,
             time.sleep(0.01)
         assert c.delete(location).status_code == 204
         assert c.get(location).status_code == 404
-        job_dir = c.app.state.service.store.job_dir(location.rsplit("/", 1)[-1])
+        job_dir = c.app.state.service.files.job_dir(location.rsplit("/", 1)[-1])
         for _ in range(200):
             if not job_dir.exists():
                 break

@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from bundles import labels_only_bundle
 from dicom_factory import series_from_image
 from phantoms import direction_matrix
-from server.dicom_input import build_series
-from server.dicom_seg import build_seg
+from server.imaging.dicom_reader import build_series
+from server.imaging.seg import build_seg
 
 # Differ between any two highdicom calls too: a random UID and the wall clock.
 VOLATILE = {"DimensionOrganizationUID", "ContributionDateTime", "ContentDate", "ContentTime",
@@ -118,7 +118,7 @@ def test_highdicom_reads_the_segments_back_on_the_source_planes():
 
 
 def test_template_change_is_reported():
-    from server.binary_seg import FrameStamper, TemplateError
+    from server.imaging.binary_seg import FrameStamper, TemplateError
 
     item = Dataset()
     item.FrameContentSequence = [Dataset()]
@@ -127,7 +127,7 @@ def test_template_change_is_reported():
 
 
 def test_a_template_mismatch_falls_back_to_highdicoms_writer(monkeypatch, caplog):
-    import server.binary_seg as fast
+    import server.imaging.binary_seg as fast
 
     series = make_series("axial")
     bundle = labels_only_bundle(3)
@@ -144,7 +144,7 @@ def test_a_template_mismatch_falls_back_to_highdicoms_writer(monkeypatch, caplog
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_label_counts_per_plane_match_numpy(dtype):
-    from server.label_stats import label_counts, plane_counts
+    from server.imaging.label_stats import label_counts, plane_counts
 
     labels = np.random.default_rng(0).integers(0, 7, size=(5, 9, 11)).astype(dtype)
     labels[2] = 0

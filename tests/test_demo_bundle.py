@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from common import DEMO_BUNDLE
 from models.bundle import load_bundle, sha256_of
 from models.volume import Volume
-from server.engine import Engine
+from server.inference.engine import Engine
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ct_abdomen_slab"
 HELD_OUT = slice(4, 16)  # fixture slices 4-15 = slices 88-99 of the scan: the demo's held-out slab

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from dicom_factory import series_from_image, to_bytes
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 from common import require_tool
 from test_api import phantom, post, read_labelmap
 
@@ -100,7 +100,7 @@ def test_lateral_structures_carry_a_laterality_modifier():
     from pydicom.sr.codedict import codes
 
     from models.labels import label_for
-    from server.dicom_seg import SegIdentity, segment_description
+    from server.imaging.seg import SegIdentity, segment_description
 
     algo = hd.AlgorithmIdentificationSequence(name="t", family=codes.cid7162.ArtificialIntelligence, version="1")
     identity = SegIdentity("1.2.3", "1.2.3.4", 9001, "test")

@@ -9,8 +9,8 @@ from pydicom.uid import RLELossless
 
 from dicom_factory import compress_jpeg2000, enhanced_from_image, series_from_image, to_bytes
 from phantoms import make_phantom
-from server.dicom_input import inspect_series, load_series
-from server.errors import InputError
+from server.imaging.dicom_reader import inspect_series, load_series
+from server.core.errors import InputError
 
 
 def blobs(datasets):

@@ -29,7 +29,7 @@ from models.backends import (
 )
 from models.bundle import BundleError, load_bundle
 from models.precision import MIN_AGREEMENT, MIN_CLASS_DICE, Precision, PrecisionCheck
-from server.engine import Engine
+from server.inference.engine import Engine
 
 FIXTURE_CT = Path(__file__).resolve().parent / "fixtures" / "ct_abdomen_slab" / "ct.nii.gz"
 HW = Hardware.probe()
@@ -149,7 +149,7 @@ def test_models_endpoint_says_which_engine_and_precision_serve(tmp_path):
     from fastapi.testclient import TestClient
 
     from server.app import create_app
-    from server.settings import Settings
+    from server.core.settings import Settings
 
     settings = Settings(bundle_dirs=[DEMO_BUNDLE], storage_dir=tmp_path, worker_mode="thread", engine="onnxruntime")
     with TestClient(create_app(settings)) as client:

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dicom_factory import series_from_image, to_bytes
-from server.dicom_input import load_series
-from server.errors import InputError
+from server.imaging.dicom_reader import load_series
+from server.core.errors import InputError
 from test_api import phantom
-from test_faults import Serve
+from common import Serve
 
 FUZZ_EXAMPLES = 30
 FUZZ_KEY = "fuzz-key"

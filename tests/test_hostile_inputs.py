@@ -23,7 +23,7 @@ from pydicom.filewriter import write_dataset
 from dicom_factory import series_from_image, to_bytes
 from phantoms import make_phantom
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 from test_api import nifti_bytes, phantom
 
 Files = list[tuple[str, bytes]]

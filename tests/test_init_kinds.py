@@ -22,7 +22,7 @@ from inflation.export import export_bundle
 from inflation.train import train
 from models.bundle import load_bundle
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 
 TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "feature_size": 8}
 LABELS = [{"name": "liver", "source": [1]}, {"name": "spleen", "source": [2]}]

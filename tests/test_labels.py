@@ -46,7 +46,7 @@ def test_abdominal_labels_have_distinct_colours():
 
     import numpy as np
 
-    from server.dicom_seg import _rgb_to_lab
+    from server.imaging.seg import _rgb_to_lab
 
     demo = load_bundle(DEMO_BUNDLE).labels
     lab = {label.name: np.array(_rgb_to_lab(label.color).value, dtype=float) for label in demo}

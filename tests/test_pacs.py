@@ -25,7 +25,7 @@ from dicom_factory import compress_jpeg2000, series_from_image, to_bytes, write_
 from common import free_port, require_tool, wait_for
 from pacs import Orthanc, dicomweb_node, dimse_destination
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 from test_api import phantom
 
 STORESCU = shutil.which("storescu")
@@ -283,14 +283,19 @@ os.kill(os.getpid(), signal.SIGKILL)  # the sender dies in the middle of the ass
 
 
 def test_a_series_whose_sender_is_killed_mid_association_is_not_run(intensity_bundle, tmp_path, caplog):
-    settings = ctseg_settings(intensity_bundle, tmp_path / "storage")
+    settings = ctseg_settings(intensity_bundle, tmp_path / "storage", dicom_incomplete_hold_minutes=0.1,
+                              dicom_reassembly_minutes=0)
     files = write_files(ct_series(), tmp_path / "series")
     with TestClient(create_app(settings)) as client:
         proc = subprocess.run([sys.executable, "-c", SENDER_KILLED_MID_ASSOCIATION, str(settings.dicom_port),
                                *map(str, files)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
+        time.sleep(3)
+        assert jobs(client) == []  # it waits to be sent again complete
+        assert 'ctseg_dicom_series_waiting{reason="incomplete"} 1.0' in client.get("/metrics").text
         job = wait_for(lambda: jobs(client) and jobs(client)[0], 30, 0.2, "a job record for the series")
         assert job["state"] == "failed" and "ended without release" in job["error"]
+        assert "not sent again complete" in job["error"]
         assert job["input"]["origin"]["kind"] == "dimse" and job["progress"]["windows_total"] == 0
         assert not list((tmp_path / "storage" / "incoming").iterdir())  # its instances are not kept
         assert "ended without release" in caplog.text
@@ -314,7 +319,7 @@ def test_calling_ae_title_not_allowed_is_rejected_at_association(intensity_bundl
 
 def test_a_series_with_a_slice_missing_fails_visibly(intensity_bundle, tmp_path, caplog):
     storescu = require_tool(STORESCU, "dcmtk's storescu (Debian package dcmtk)")
-    settings = ctseg_settings(intensity_bundle, tmp_path / "storage")
+    settings = ctseg_settings(intensity_bundle, tmp_path / "storage", dicom_reassembly_minutes=0)
     datasets = ct_series()
     files = write_files(datasets[:12] + datasets[13:], tmp_path / "series")
     small = write_files(ct_series(series_number=7)[:5], tmp_path / "scout")  # under the route's 20 slices
@@ -326,7 +331,7 @@ def test_a_series_with_a_slice_missing_fails_visibly(intensity_bundle, tmp_path,
         job = wait_for(lambda: (j := jobs(client)) and j[0]["state"] == "failed" and j[0], 30, 0.2)
         assert "1 slice(s) missing" in job["error"] and job["error_kind"] == "input"
         assert f"job {job['id']} failed on its input: 1 slice(s) missing" in caplog.text
-        wait_for(lambda: "no route takes it; dropped" in caplog.text, 10)
+        wait_for(lambda: "no route takes it; not run" in caplog.text, 10)
         assert len(jobs(client)) == 1  # the 5-slice series ran nothing and is not kept
-        assert not list((tmp_path / "storage" / "incoming").iterdir())
+        wait_for(lambda: not list((tmp_path / "storage" / "incoming").iterdir()), 10)
         assert not (tmp_path / "storage" / "jobs" / job["id"] / "input").exists()

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from dicom_factory import series_from_image, to_bytes, zip_of
 from common import require_tool
 from server.app import create_app
-from server.settings import Settings
+from server.core.settings import Settings
 from test_api import phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +97,9 @@ def test_stored_patient_data_is_readable_by_the_service_user_only(intensity_bund
     files = [("files", (f"f{i}", to_bytes(ds), "application/dicom")) for i, ds in enumerate(series_from_image(image))]
     with TestClient(create_app(Settings(bundle_dirs=[intensity_bundle], storage_dir=tmp_path / "s"))) as c:
         job = c.post("/v1/segmentations", files=files, params={"wait": "true", "outputs": "both"}).json()
-        results = [p for p in (tmp_path / "s" / "jobs" / job["id"]).iterdir()]
+        results = [p for p in (tmp_path / "s" / "jobs" / job["id"] / f"run-{job['attempt']}").iterdir()]
     assert {p.name for p in results} >= {"labelmap.nii.gz", "seg.dcm", "preview.png", "volumes.json"}
-    for path in [tmp_path / "s", *results, *(tmp_path / "s").glob("jobs.sqlite3*")]:
+    for path in [tmp_path / "s", *results, *(tmp_path / "s").glob("jobs.sqlite3*"), tmp_path / "s" / "ctseg.lock"]:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path, oct(path.stat().st_mode))
 
 

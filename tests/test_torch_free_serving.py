@@ -25,7 +25,7 @@ else:
 def test_server_and_serving_dependencies_import_without_torch():
     code = BLOCK_TORCH + """
 import server, models, models.config, models.registry, models.axes
-import server.app, server.service, server.engine, server.cli, server.predict_cli, server.dicom_seg
+import server.app, server.service, server.inference.engine, server.cli, server.predict_cli, server.imaging.seg
 import models.bundle, models.preprocess, models.sliding_window, models.labels, models.volume
 from ctseg.cli import build_parser
 build_parser(['serve'])

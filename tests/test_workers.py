@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from common import wait_for
 from phantoms import make_phantom
 from test_api import nifti_bytes, phantom, post
@@ -15,7 +17,7 @@ from test_api_errors import make_client
 
 def test_jobs_run_in_worker_processes(intensity_bundle, tmp_path):
     with make_client(intensity_bundle, tmp_path) as c:
-        workers = c.app.state.service.workers
+        workers = c.app.state.service.queue
         assert workers.pids() and os.getpid() not in workers.pids()
         image, _ = phantom()
         r = post(c, [("ct.nii.gz", nifti_bytes(image))])
@@ -29,18 +31,24 @@ def test_thread_mode_still_serves(intensity_bundle, tmp_path):
         assert r.status_code == 200 and r.json()["state"] == "succeeded"
 
 
-def test_a_killed_worker_fails_only_its_job_and_is_replaced(intensity_bundle, tmp_path):
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_a_killed_worker_is_replaced_and_its_job_run_again_up_to_the_limit(intensity_bundle, tmp_path, max_attempts):
     big, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
-    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75) as c:
-        workers = c.app.state.service.workers
+    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75, job_max_attempts=max_attempts) as c:
+        workers = c.app.state.service.queue
         location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", nifti_bytes(big)))]).headers["Location"]
         wait_for(lambda: c.get(location).json()["state"] == "running")
         (pid, job_id), = workers.running().items()
         assert location.endswith(job_id)
         os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
-        job = wait_for(lambda: (j := c.get(location).json())["state"] == "failed" and j)
-        assert "worker process running this job stopped (killed" in job["error"]
-        assert not (c.app.state.service.store.job_dir(job_id) / "input").exists()
+        job = wait_for(lambda: (j := c.get(location).json())["state"] in ("failed", "succeeded") and j, 120)
+        if max_attempts == 1:
+            assert job["state"] == "failed" and job["error_kind"] == "interrupted"
+            assert "worker process running it stopped (killed" in job["error"] and "ran 1 time(s)" in job["error"]
+            assert not (c.app.state.service.files.job_dir(job_id) / "input").exists()
+        else:
+            assert job["state"] == "succeeded" and job["attempt"] == 2
+            assert any("worker process running it stopped (killed" in n for n in job["notes"])
         wait_for(lambda: c.get("/readyz").status_code == 200 and workers.pids() and pid not in workers.pids())
         image, _ = phantom()
         r = post(c, [("ct.nii.gz", nifti_bytes(image))])
@@ -54,7 +62,7 @@ def test_a_worker_that_cannot_open_the_model_stops_start_up_with_the_reason(tmp_
 
     from bundles import write_intensity_bundle
     from models.bundle import write_manifest
-    from server.workers import WorkerStartError
+    from server.jobs.local_queue import WorkerStartError
 
     bundle = write_intensity_bundle(tmp_path / "broken")
     (bundle / "model.onnx").write_bytes(b"not an onnx graph")
@@ -66,7 +74,7 @@ def test_a_worker_that_cannot_open_the_model_stops_start_up_with_the_reason(tmp_
 
 def test_a_crash_loop_stops_restarts_and_submissions_get_503(intensity_bundle, tmp_path):
     with make_client(intensity_bundle, tmp_path) as c:
-        workers = c.app.state.service.workers
+        workers = c.app.state.service.queue
         for _ in range(6):  # more than 5 deaths within a minute
             pid = wait_for(lambda: workers.healthy and workers.pids() and workers.pids()[0])
             os.kill(pid, signal.SIGKILL)

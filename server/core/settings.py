@@ -1,0 +1,137 @@
+"""The service's one settings object; read here and nowhere else (env prefix ``CTSEG_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.backends import DevicePreference, EngineKind
+from models.precision import Precision
+from server.core.archives import ZipLimits
+from server.core.nodes import Node, Route, check_ae_title, check_unique_names
+from server.core.options import SegOptions
+from server.core.vocabulary import SegCompression, SegType
+
+DEFAULT_BUNDLES = Path(__file__).resolve().parents[1] / "models" / "bundles"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTSEG_", env_file=".env", extra="ignore")
+
+    bundle_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [DEFAULT_BUNDLES],
+                                    description="bundle directories, or folders holding several bundles")
+    default_model: str | None = Field(None, description="model used when a request names none (default: first)")
+    device: DevicePreference = Field(DevicePreference.AUTO, description="cuda: use a GPU where there is one, else "
+                                     "log it and serve on the CPU; cpu: never a GPU")
+    engine: EngineKind = Field(EngineKind.AUTO, description="inference backend (auto: cuda where onnxruntime-gpu "
+                               "sees a GPU, else openvino, else onnxruntime); a named one that cannot run here stops "
+                               "the start-up")
+    precision: Precision = Field(Precision.AUTO, description="auto: the lowest precision the bundle's export-time "
+                                 "parity check passed for the engine (bf16 on a CPU with BF16, fp16 on CUDA), else fp32")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default: <storage_dir>/tensorrt)")
+    ort_threads: int = Field(0, ge=0, description="inference threads, ONNX Runtime or OpenVINO (0: one per core)")
+    sw_overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch: int = Field(4, ge=1)
+    accumulate_float16: bool = False
+    max_upload_mb: int = Field(2048, ge=1)
+    zip_max_unpacked_mb: int = Field(2048, ge=1, description="what the zips of one request may unpack to")
+    zip_max_members: int = Field(10_000, ge=1, description="files in the zips of one request")
+    zip_max_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size, per member and per zip")
+    zip_max_depth: int = Field(1, ge=1, le=5, description="zip nesting unpacked (1: zips inside zips are skipped)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted X-API-Key values; empty: no auth")
+    metrics_public: bool = Field(False, description="with API keys set, serve /metrics without one (a scraper "
+                                                    "inside the trusted network)")
+    storage_dir: Path = Path("storage")
+    retention_hours: float = Field(72.0, gt=0)
+    max_queue: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1, description="inferences at a time (one worker each)")
+    worker_mode: Literal["process", "thread"] = Field(
+        "process", description="run jobs in worker processes (API never waits on a job's GIL; a killed worker "
+                               "fails only its job) or in threads of the API process")
+    worker_niceness: int = Field(0, ge=0, le=19, description="nice increment of worker processes (the API "
+                                                              "answers first on a busy CPU; costs throughput)")
+    sync_timeout_s: float = Field(300.0, gt=0)
+    # ---- the job core (docs/architecture.md)
+    job_lease_s: float = Field(30.0, gt=0, description="a running job's lease; its worker renews it every third of "
+                               "this, and a job whose lease ran out is given to another worker")
+    job_max_attempts: int = Field(3, ge=1, description="runs of one job (its worker stopped or lost its lease) "
+                                  "before it is failed with the reason")
+    db_busy_timeout_s: float = Field(10.0, gt=0, description="how long one database write waits for a lock held "
+                                     "by another connection before it is retried")
+    db_patience_s: float = Field(300.0, gt=0, description="how long a write is retried while the database stays "
+                                 "locked (a finished job's result is never dropped for a lock)")
+    seg_type: SegType = SegType.BINARY
+    seg_keep_empty_frames: bool = False
+    seg_compression: SegCompression = SegCompression.NONE
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    # ---- PACS integration (README "Connecting to your PACS")
+    destinations: list[Node] = Field(default_factory=list, description="JSON list of SEG destinations "
+                                     '(e.g. [{"name": "pacs", "kind": "dicomweb", "url": "http://pacs:8042/dicom-web"}])')
+    default_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="destination names that receive every job's SEG unless the job names its own")
+    sources: list[Node] = Field(default_factory=list, description="JSON list of nodes to pull series from by UID")
+    dicom_port: int | None = Field(None, ge=1, le=65535, description="DICOM listener (C-STORE SCP) port; unset: none")
+    dicom_host: str | None = Field(None, description="DICOM listener address (default: CTSEG_HOST)")
+    dicom_ae_title: str = Field("CTSEG", description="the service's AE title (called by senders, calling when it sends)")
+    dicom_allowed_ae_titles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="calling AE titles accepted by the listener; empty: any")
+    dicom_stable_seconds: float = Field(30.0, gt=0, description="a received series is complete after this long "
+                                                                "without a new instance (Orthanc's StableAge)")
+    routes: list[Route] = Field(default_factory=lambda: [Route()], description="JSON list of routing rules for "
+                                "received series; default: CT with at least 20 slices -> default model")
+    dicom_reassembly_minutes: float = Field(
+        60.0, ge=0, description="a routed series' instances are kept this long: instances that arrive later run the "
+        "series again whole, superseding the job made of the first part")
+    dicom_incomplete_hold_minutes: float = Field(
+        60.0, ge=0, description="a series cut off by an aborted association waits this long to be sent again "
+        "complete; then it is a failed job saying so")
+    delivery_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; doubled each attempt")
+    delivery_retry_max_s: float = Field(300.0, gt=0, description="cap on the delay between two attempts")
+    delivery_give_up_hours: float = Field(72.0, gt=0, description="a delivery still failing after this is failed")
+
+    @model_validator(mode="after")
+    def _seg_compression_fits_type(self) -> Settings:
+        self.seg_options()  # the one check, in SegOptions
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_are_consistent(self) -> Settings:
+        check_unique_names(self.destinations, "destinations")
+        check_unique_names(self.sources, "sources")
+        known = {d.name for d in self.destinations}
+        for name in self.default_destinations:
+            if name not in known:
+                raise ValueError(f"default_destinations names {name!r}, which is not among the destinations "
+                                 f"{sorted(known)} (CTSEG_DESTINATIONS)")
+        for route in self.routes:
+            for name in route.destinations or []:
+                if name not in known:
+                    raise ValueError(f"a route names destination {name!r}, which is not among {sorted(known)}")
+        self.dicom_ae_title = check_ae_title(self.dicom_ae_title)
+        self.dicom_allowed_ae_titles = [check_ae_title(t) for t in self.dicom_allowed_ae_titles]
+        return self
+
+    def seg_options(self) -> SegOptions:
+        return SegOptions(self.seg_type, self.seg_keep_empty_frames, self.seg_compression)
+
+    def zip_limits(self) -> ZipLimits:
+        return ZipLimits(self.zip_max_unpacked_mb * 2**20, self.zip_max_members, self.zip_max_ratio, self.zip_max_depth)
+
+    def destination(self, name: str) -> Node:
+        for node in self.destinations:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    @field_validator("bundle_dirs", "api_keys", "default_destinations", "dicom_allowed_ae_titles", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+        return value

@@ -1,0 +1,187 @@
+"""The outbox: sends pending SEGs until each destination has acknowledged it; destinations never wait on each other.
+
+Deliveries are rows in the job store (written with the job's success), so the outbox holds nothing a crash could
+lose: after a restart it finds the same pending rows and goes on. A delivery is marked ``delivered`` right after
+the destination's acknowledgement; the SEG's SOP Instance UID is the same on every attempt, so in the one window a
+crash can hit (acknowledged, not yet recorded) a resend replaces the instance rather than adding one.
+
+One sender thread per destination, each with a circuit breaker. While a destination answers, its due deliveries
+go out in claimed batches. When one fails with a retryable error the breaker opens: the destination gets one
+delivery at a time (a probe) at an exponential back-off (``delivery_retry_base_s`` doubled per consecutive
+failure, capped at ``delivery_retry_max_s``, up to 10 % jitter); the others wait without costing a timeout each.
+When a probe is acknowledged the breaker closes and every pending delivery of that destination is due at once. A
+black-holed destination (30 s per timeout) therefore delays only its own SEGs, by one timeout per back-off period.
+
+A delivery still pending after ``delivery_give_up_hours`` is failed, as is one the destination refused outright.
+DIMSE warning statuses that mean "stored" (coercion, attribute value out of range, ...) are deliveries, with the
+warning kept on the delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from server.core.metrics import Metrics
+from server.core.nodes import Node
+from server.core.settings import Settings
+from server.core.vocabulary import DeliveryState, ResultFile
+from server.jobs.files import JobFiles
+from server.jobs.model import Delivery
+from server.jobs.store import JobStore
+from server.pacs import DeliveryError, RejectedDelivery, deliver
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 600.0  # a claimed delivery is not taken by another sender for this long
+BATCH = 8
+IDLE_POLL_S = 5.0  # a wake-up may be missed (another process queued the delivery): look again this often
+SendFn = Callable[[Node, Path, str], "str | None"]
+
+
+class DestinationSender:
+    """One destination's deliveries, in its own thread, behind its own circuit breaker."""
+
+    def __init__(self, outbox: Outbox, node: Node) -> None:
+        self.outbox, self.node = outbox, node
+        self.failures = 0  # consecutive retryable failures: the breaker is open while > 0
+        self.probe_at = 0.0
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"ctseg-outbox-{node.name}", daemon=True)
+
+    @property
+    def up(self) -> bool:
+        return self.failures == 0
+
+    def _loop(self) -> None:
+        ob = self.outbox
+        while not ob.stopping.is_set():
+            try:
+                wait = self.round()
+            except Exception:  # the store was briefly unavailable: log and go on
+                log.exception("outbox round for %s failed", self.node.name)
+                wait = 1.0
+            self.wake.wait(wait)
+            self.wake.clear()
+
+    def round(self) -> float:
+        """Send what is due; returns how long to sleep before the next round."""
+        ob = self.outbox
+        while not ob.stopping.is_set():
+            now = time.time()
+            if not self.up and now < self.probe_at:
+                return min(IDLE_POLL_S, self.probe_at - now)
+            batch = ob.store.claim_deliveries(self.node.name, now, LEASE_S, BATCH if self.up else 1)
+            if not batch:
+                due = ob.store.next_due(self.node.name)
+                return IDLE_POLL_S if due is None else min(IDLE_POLL_S, max(0.05, due - time.time()))
+            for index, delivery in enumerate(batch):
+                if ob.stopping.is_set() or not self._attempt(delivery):
+                    for rest in batch[index + 1:]:  # the breaker opened: the rest wait, untried
+                        ob.store.unclaim(rest)
+                    break
+        return 0.0
+
+    def _attempt(self, delivery: Delivery) -> bool:
+        """One try; False when the destination did not answer (the breaker opens)."""
+        ob = self.outbox
+        job = ob.store.get(delivery.job_id)
+        path = ob.files.result_path(job, ResultFile.SEG) if job is not None else None
+        if path is None or not path.is_file():
+            ob.record(delivery, DeliveryState.FAILED, "the SEG file is gone (job deleted?)")
+            return True
+        t = time.perf_counter()
+        try:
+            warning = ob.send(self.node, path, ob.settings.dicom_ae_title)
+        except RejectedDelivery as err:
+            ob.record(delivery, DeliveryState.FAILED, str(err))
+            return True
+        except DeliveryError as err:
+            self._open(delivery, str(err))
+            return False
+        except Exception as err:  # a bug in a client library: retried, and loud
+            log.exception("delivery %d to %s raised", delivery.id, delivery.destination)
+            self._open(delivery, f"internal error: {type(err).__name__}")
+            return False
+        ob.record(delivery, DeliveryState.DELIVERED, None, warning)
+        log.info("job %s: SEG delivered to %s in %.2f s (attempt %d)%s", delivery.job_id, delivery.destination,
+                 time.perf_counter() - t, delivery.attempts + 1, " with a warning" if warning else "")
+        if not self.up:
+            self.failures = 0
+            ob.metrics.destination_up.labels(self.node.name).set(1)
+            drained = ob.store.expedite(self.node.name, time.time())
+            log.info("destination %s answers again: its %d other pending SEG(s) go now", self.node.name, drained)
+        return True
+
+    def _open(self, delivery: Delivery, error: str) -> None:
+        ob = self.outbox
+        self.failures += 1
+        delay = ob.backoff(self.failures)
+        self.probe_at = time.time() + delay
+        ob.metrics.destination_up.labels(self.node.name).set(0)
+        log.warning("job %s: delivery to %s failed (attempt %d): %s; the destination gets one SEG at a time, next "
+                    "try in %.0f s", delivery.job_id, delivery.destination, delivery.attempts + 1, error, delay)
+        ob.store.delivery_done(delivery, DeliveryState.PENDING, error, next_attempt=self.probe_at)
+        ob.metrics.delivery_attempts.labels(delivery.destination, "retry").inc()
+
+
+class Outbox:
+    def __init__(self, settings: Settings, store: JobStore, files: JobFiles, metrics: Metrics,
+                 send: SendFn = deliver) -> None:
+        self.settings, self.store, self.files, self.metrics, self.send = settings, store, files, metrics, send
+        self.stopping = threading.Event()
+        self.senders = {node.name: DestinationSender(self, node) for node in settings.destinations}
+        self._sweeper: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.sweep()
+        for sender in self.senders.values():
+            self.metrics.destination_up.labels(sender.node.name).set(1)
+            sender.thread.start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="ctseg-outbox-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for sender in self.senders.values():
+            sender.wake.set()
+        for sender in self.senders.values():
+            if sender.thread.is_alive():
+                sender.thread.join(timeout=10.0)
+
+    def wake(self) -> None:
+        """A job finished (its deliveries may be due now)."""
+        for sender in self.senders.values():
+            sender.wake.set()
+
+    def backoff(self, failures: int) -> float:
+        s = self.settings
+        delay = min(s.delivery_retry_max_s, s.delivery_retry_base_s * 2 ** max(0, failures - 1))
+        return delay * (1 + 0.1 * random.random())  # noqa: S311
+
+    def record(self, delivery: Delivery, state: DeliveryState, error: str | None, warning: str | None = None) -> None:
+        if state == DeliveryState.FAILED:
+            log.error("job %s: delivery to %s failed for good: %s", delivery.job_id, delivery.destination, error)
+        self.store.delivery_done(delivery, state, error, warning)
+        self.metrics.delivery_attempts.labels(delivery.destination, state.value).inc()
+
+    def _sweep_loop(self) -> None:
+        while not self.stopping.wait(min(60.0, self.settings.delivery_give_up_hours * 3600 / 10)):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("outbox sweep failed")
+
+    def sweep(self) -> None:
+        """Deliveries past their give-up age, and deliveries to destinations no longer configured: failed."""
+        hours = self.settings.delivery_give_up_hours
+        for d in self.store.give_up_deliveries(time.time() - hours * 3600, f"given up after {hours:g} h"):
+            log.error("job %s: delivery to %s given up after %g h", d.job_id, d.destination, hours)
+            self.metrics.delivery_attempts.labels(d.destination, DeliveryState.FAILED.value).inc()
+        for name in self.store.pending_destinations() - set(self.senders):
+            for d in self.store.claim_deliveries(name, time.time(), LEASE_S, 1000):
+                self.record(d, DeliveryState.FAILED, f"destination {name!r} is no longer configured")

@@ -1,0 +1,42 @@
+"""Talking to PACS nodes: store a SEG at a destination, retrieve a series from a source. One module per protocol
+(``dicomweb``, ``dimse``); statuses by name and category in ``status``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from server.core.nodes import DicomWebNode, DimseNode, Node
+from server.pacs import dicomweb, dimse
+from server.pacs.errors import (
+    DeliveryError,
+    RejectedDelivery,
+    RetryableDelivery,
+    SeriesNotFound,
+    SourceUnavailable,
+)
+
+__all__ = ["DeliveryError", "RejectedDelivery", "RetryableDelivery", "SeriesNotFound", "SourceUnavailable",
+           "deliver", "retrieve"]
+
+log = logging.getLogger(__name__)
+
+
+def deliver(node: Node, path: Path, calling_ae_title: str) -> str | None:
+    """Send the SEG at ``path`` to ``node``. Returns a warning the destination stored it with (or None); raises a
+    :class:`DeliveryError` unless it was acknowledged."""
+    if isinstance(node, DicomWebNode):
+        return dicomweb.store(node, path)
+    return dimse.store(node, path, calling_ae_title)
+
+
+def retrieve(node: Node, study_uid: str, series_uid: str, target: Path, calling_ae_title: str) -> int:
+    """Write the series' instances to ``target``; returns how many."""
+    if isinstance(node, DimseNode):
+        count = dimse.retrieve(node, study_uid, series_uid, target, calling_ae_title)
+    else:
+        count = dicomweb.retrieve(node, study_uid, series_uid, target)
+    if count == 0:
+        raise SeriesNotFound(f"series {series_uid} of study {study_uid} is not on source {node.name!r}")
+    log.info("pulled %d instance(s) from %s", count, node.name)
+    return count
