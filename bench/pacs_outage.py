@@ -62,7 +62,7 @@ def main() -> None:
             post_series(server, seed=k)
             if args.kill_midway and not killed and k >= args.jobs // 2:
                 time.sleep(5)
-                os.kill(server.proc.pid, signal.SIGKILL)  # workers exit when their pipe closes
+                os.kill(server.proc.pid, signal.SIGKILL)  # the API process; its workers exit with it
                 server.proc.wait()
                 server = Server(DEMO_BUNDLE, root / "storage", **env)
                 server.wait_ready(120)
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"outage of {args.minutes:g} min over: {len(pending)} deliveries pending, attempts "
               f"{sorted(d['attempts'] for d in pending)}")
         orthanc.start()
-        back = time.monotonic()
+        back, back_wall = time.monotonic(), time.time()
         while any(d["state"] == "pending" for d in deliveries(server, args.jobs + 10)):
             if time.monotonic() - back > args.retry_max_s * 1.2 + 120:
                 break
@@ -86,10 +86,16 @@ def main() -> None:
         server.__exit__()
         orthanc.stop()
     delivered = sum(d["state"] == "delivered" for d in final)
+    times = sorted(d["delivered_at"] for d in final if d["delivered_at"])
+    first = times[0] - back_wall if times else float("nan")
+    spread = times[-1] - times[0] if times else float("nan")
+    print(f"Orthanc back: first SEG delivered after {first:.1f} s (the breaker's next check), the rest within "
+          f"{spread:.1f} s of it")
     print(f"Orthanc back: all deliveries settled in {drained:.0f} s; delivered {delivered}/{args.jobs}, "
           f"SEGs in Orthanc {stored}, store events {events}{' (ctseg SIGKILLed mid-outage)' if killed else ''}")
     print(f"SUMMARY pacs_outage minutes={args.minutes:g} jobs={args.jobs} seg_stored={stored} lost={args.jobs - stored} "
-          f"duplicates={events - stored} drain_s={drained:.0f} killed_midway={int(killed)}")
+          f"duplicates={events - stored} drain_s={drained:.0f} first_s={first:.1f} spread_s={spread:.1f} "
+          f"killed_midway={int(killed)}")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ def test_killed_while_a_received_series_is_staged_it_is_staged_again_and_run_who
         job = server.wait_finished(job["id"], 300)
         assert job["state"] == "succeeded", job
         assert job["input"]["files"] == len(datasets)
+        assert "staging it again" in server.log.read_text()  # the kill did land inside staging
     finally:
         server.kill()
 

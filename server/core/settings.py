@@ -93,6 +93,8 @@ class Settings(BaseSettings):
         "complete; then it is a failed job saying so")
     delivery_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; doubled each attempt")
     delivery_retry_max_s: float = Field(300.0, gt=0, description="cap on the delay between two attempts")
+    delivery_probe_max_s: float = Field(30.0, gt=0, description="while a destination does not answer, it is checked "
+                                        "(C-ECHO, HTTP) at least this often; the first answer drains its SEGs")
     delivery_give_up_hours: float = Field(72.0, gt=0, description="a delivery still failing after this is failed")
 
     @model_validator(mode="after")

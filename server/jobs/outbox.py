@@ -6,11 +6,13 @@ the destination's acknowledgement; the SEG's SOP Instance UID is the same on eve
 crash can hit (acknowledged, not yet recorded) a resend replaces the instance rather than adding one.
 
 One sender thread per destination, each with a circuit breaker. While a destination answers, its due deliveries
-go out in claimed batches. When one fails with a retryable error the breaker opens: the destination gets one
-delivery at a time (a probe) at an exponential back-off (``delivery_retry_base_s`` doubled per consecutive
-failure, capped at ``delivery_retry_max_s``, up to 10 % jitter); the others wait without costing a timeout each.
-When a probe is acknowledged the breaker closes and every pending delivery of that destination is due at once. A
-black-holed destination (30 s per timeout) therefore delays only its own SEGs, by one timeout per back-off period.
+go out in claimed batches. When one fails with a retryable error the breaker opens: the others wait without
+costing a timeout each, and the destination is probed at an exponential back-off (``delivery_retry_base_s``
+doubled per consecutive failure, up to 10 % jitter), first with a cheap check (C-ECHO, or an HTTP request to the
+DICOMweb root) at most ``delivery_probe_max_s`` apart, then with one delivery at a time, at most
+``delivery_retry_max_s`` apart. When a delivery is acknowledged the breaker closes and every pending delivery of
+that destination is due at once. A black-holed destination (30 s per timeout) therefore delays only its own SEGs,
+and one that answers again after a long outage is drained within a probe interval.
 
 A delivery still pending after ``delivery_give_up_hours`` is failed, as is one the destination refused outright.
 DIMSE warning statuses that mean "stored" (coercion, attribute value out of range, ...) are deliveries, with the
@@ -33,7 +35,7 @@ from server.core.vocabulary import DeliveryState, ResultFile
 from server.jobs.files import JobFiles
 from server.jobs.model import Delivery
 from server.jobs.store import JobStore
-from server.pacs import DeliveryError, RejectedDelivery, deliver
+from server.pacs import DeliveryError, RejectedDelivery, deliver, reachable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ LEASE_S = 600.0  # a claimed delivery is not taken by another sender for this lo
 BATCH = 8
 IDLE_POLL_S = 5.0  # a wake-up may be missed (another process queued the delivery): look again this often
 SendFn = Callable[[Node, Path, str], "str | None"]
+ProbeFn = Callable[[Node, str], bool]
 
 
 class DestinationSender:
@@ -49,7 +52,8 @@ class DestinationSender:
     def __init__(self, outbox: Outbox, node: Node) -> None:
         self.outbox, self.node = outbox, node
         self.failures = 0  # consecutive retryable failures: the breaker is open while > 0
-        self.probe_at = 0.0
+        self.probe_at = 0.0  # when to check again whether it answers
+        self.deliver_at = 0.0  # when the next delivery may be tried, if it does
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"ctseg-outbox-{node.name}", daemon=True)
 
@@ -73,8 +77,11 @@ class DestinationSender:
         ob = self.outbox
         while not ob.stopping.is_set():
             now = time.time()
-            if not self.up and now < self.probe_at:
-                return min(IDLE_POLL_S, self.probe_at - now)
+            if not self.up:
+                if now < self.probe_at:
+                    return min(IDLE_POLL_S, self.probe_at - now)
+                if now < self.deliver_at and not self._answers():
+                    return 0.0
             batch = ob.store.claim_deliveries(self.node.name, now, LEASE_S, BATCH if self.up else 1)
             if not batch:
                 due = ob.store.next_due(self.node.name)
@@ -117,22 +124,41 @@ class DestinationSender:
             log.info("destination %s answers again: its %d other pending SEG(s) go now", self.node.name, drained)
         return True
 
+    def _answers(self) -> bool:
+        """The cheap check while the breaker is open; False (and the next check later) if it still does not answer."""
+        ob = self.outbox
+        try:
+            answers = ob.probe(self.node, ob.settings.dicom_ae_title)
+        except Exception:  # a client library's bug must not stop the sender
+            log.exception("probe of %s raised", self.node.name)
+            answers = False
+        if answers:
+            log.info("destination %s answers again; trying one SEG", self.node.name)
+            return True
+        self.failures += 1
+        self.probe_at = time.time() + min(ob.backoff(self.failures), ob.settings.delivery_probe_max_s)
+        return False
+
     def _open(self, delivery: Delivery, error: str) -> None:
         ob = self.outbox
         self.failures += 1
         delay = ob.backoff(self.failures)
-        self.probe_at = time.time() + delay
+        now = time.time()
+        self.deliver_at = now + delay
+        self.probe_at = now + min(delay, ob.settings.delivery_probe_max_s)
         ob.metrics.destination_up.labels(self.node.name).set(0)
-        log.warning("job %s: delivery to %s failed (attempt %d): %s; the destination gets one SEG at a time, next "
-                    "try in %.0f s", delivery.job_id, delivery.destination, delivery.attempts + 1, error, delay)
-        ob.store.delivery_done(delivery, DeliveryState.PENDING, error, next_attempt=self.probe_at)
+        log.warning("job %s: delivery to %s failed (attempt %d): %s; its SEGs wait while it does not answer (next "
+                    "check in %.0f s)", delivery.job_id, delivery.destination, delivery.attempts + 1, error,
+                    self.probe_at - now)
+        ob.store.delivery_done(delivery, DeliveryState.PENDING, error, next_attempt=self.deliver_at)
         ob.metrics.delivery_attempts.labels(delivery.destination, "retry").inc()
 
 
 class Outbox:
     def __init__(self, settings: Settings, store: JobStore, files: JobFiles, metrics: Metrics,
-                 send: SendFn = deliver) -> None:
-        self.settings, self.store, self.files, self.metrics, self.send = settings, store, files, metrics, send
+                 send: SendFn = deliver, probe: ProbeFn = reachable) -> None:
+        self.settings, self.store, self.files, self.metrics = settings, store, files, metrics
+        self.send, self.probe = send, probe
         self.stopping = threading.Event()
         self.senders = {node.name: DestinationSender(self, node) for node in settings.destinations}
         self._sweeper: threading.Thread | None = None

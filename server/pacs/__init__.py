@@ -17,7 +17,7 @@ from server.pacs.errors import (
 )
 
 __all__ = ["DeliveryError", "RejectedDelivery", "RetryableDelivery", "SeriesNotFound", "SourceUnavailable",
-           "deliver", "retrieve"]
+           "deliver", "reachable", "retrieve"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,13 @@ def deliver(node: Node, path: Path, calling_ae_title: str) -> str | None:
     if isinstance(node, DicomWebNode):
         return dicomweb.store(node, path)
     return dimse.store(node, path, calling_ae_title)
+
+
+def reachable(node: Node, calling_ae_title: str) -> bool:
+    """A cheap check that the node answers (C-ECHO, or an HTTP request to the DICOMweb root)."""
+    if isinstance(node, DicomWebNode):
+        return dicomweb.ping(node)
+    return dimse.echo(node, calling_ae_title)
 
 
 def retrieve(node: Node, study_uid: str, series_uid: str, target: Path, calling_ae_title: str) -> int:

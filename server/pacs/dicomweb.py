@@ -21,12 +21,17 @@ from server.pacs.errors import (
 log = logging.getLogger(__name__)
 
 
-def client(node: DicomWebNode) -> DICOMwebClient:
+def _session(node: DicomWebNode) -> requests.Session:
     session = requests.Session()
     if node.username is not None and node.password is not None:
         session.auth = (node.username, node.password.get_secret_value())
-    headers = {"Authorization": f"Bearer {node.token.get_secret_value()}"} if node.token is not None else None
-    web = DICOMwebClient(node.url, session=session, headers=headers, timeout=node.timeout_s)
+    if node.token is not None:
+        session.headers["Authorization"] = f"Bearer {node.token.get_secret_value()}"
+    return session
+
+
+def client(node: DicomWebNode) -> DICOMwebClient:
+    web = DICOMwebClient(node.url, session=_session(node), timeout=node.timeout_s)
     # dicomweb-client retries inside one call (with sleeps of its own): the outbox decides when to try again.
     web.set_http_retry_params(retry=False)
     return web
@@ -57,6 +62,15 @@ def store(node: DicomWebNode, path: Path) -> str | None:
     stored = answer.get("ReferencedSOPSequence") if answer is not None else None
     warning = getattr(stored[0], "WarningReason", None) if stored else None
     return f"{node.name}: stored with WarningReason {warning}" if warning is not None else None
+
+
+def ping(node: DicomWebNode) -> bool:
+    """Does the service answer HTTP at all (any status below 500): a cheap probe while deliveries are held back."""
+    try:
+        answer = _session(node).get(node.url + "/studies", params={"limit": "1"}, timeout=min(node.timeout_s, 10.0))
+    except requests.RequestException:
+        return False
+    return answer.status_code < 500
 
 
 def retrieve(node: DicomWebNode, study_uid: str, series_uid: str, target: Path) -> int:

@@ -75,6 +75,23 @@ def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
     raise RejectedDelivery(f"{node.name}: C-STORE answered {status.describe(code)}")
 
 
+def echo(node: DimseNode, calling_ae_title: str) -> bool:
+    """C-ECHO: does the peer answer at all (a cheap probe while its deliveries are held back)."""
+    from pynetdicom.sop_class import Verification
+
+    ae = application_entity(node.calling_ae_title or calling_ae_title, min(node.timeout_s, 10.0))
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        answer = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return answer is not None and "Status" in answer and status.category(int(answer.Status)) is Category.SUCCESS
+
+
 def _scp_role(sop_class: str) -> SCP_SCU_RoleSelectionNegotiation:
     role = SCP_SCU_RoleSelectionNegotiation()
     role.sop_class_uid = sop_class
