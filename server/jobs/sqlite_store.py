@@ -423,7 +423,8 @@ class SqliteJobStore:
 
     def release_delivery_claims(self) -> int:
         return self._run("release delivery claims", lambda db: db.execute(
-            "UPDATE deliveries SET claim = NULL, claimed_until = NULL WHERE state = ? AND claim IS NOT NULL",
+            "UPDATE deliveries SET claim = NULL, claimed_until = NULL WHERE state = ? "
+            "AND (claim IS NOT NULL OR claimed_until IS NOT NULL)",
             (DeliveryState.PENDING.value,)).rowcount)
 
     def next_due(self, destination: str) -> float | None:
