@@ -121,3 +121,28 @@ def dimse_destination(name: str, orthanc: Orthanc) -> dict:
 
 def dicomweb_node(name: str, orthanc: Orthanc) -> dict:
     return {"name": name, "kind": "dicomweb", "url": orthanc.dicomweb, "timeout_s": 10}
+
+
+# A pynetdicom sender that stores the first half of a series in one association, then ``die`` (SIGKILL itself: the
+# sender vanishes mid-association) or ``hold`` (keep the association open, say "HALF", and report how it ended
+# when ctseg goes away).
+HALF_A_SERIES_SENDER = """
+import os, signal, sys, time
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+from pydicom.uid import ExplicitVRLittleEndian
+mode, port, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+ae = AE(ae_title="MODALITY")
+ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+assoc = ae.associate("127.0.0.1", port, ae_title="CTSEG")
+assert assoc.is_established
+for path in files[: len(files) // 2]:
+    assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+if mode == "die":
+    os.kill(os.getpid(), signal.SIGKILL)
+print("HALF", flush=True)
+while assoc.is_established:
+    time.sleep(0.05)
+print("CUT", "aborted" if assoc.is_aborted else "released", flush=True)
+"""

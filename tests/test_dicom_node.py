@@ -17,33 +17,13 @@ from fastapi.testclient import TestClient
 
 from common import Serve, fill, free_port, require_tool, wait_for
 from dicom_factory import series_from_image, write_files
-from pacs import Orthanc, dicomweb_node
+from pacs import HALF_A_SERIES_SENDER, Orthanc, dicomweb_node
 from phantoms import make_phantom
 from server.app import create_app
 from server.core.settings import Settings
 from test_pacs import ct_series, referenced_instances, seg_from_orthanc
 
 STORESCU = shutil.which("storescu")
-
-SENDER_HOLDING_AN_ASSOCIATION = """
-import sys, time
-import pydicom
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
-from pydicom.uid import ExplicitVRLittleEndian
-port, files = int(sys.argv[1]), sys.argv[2:]
-ae = AE(ae_title="MODALITY")
-ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-assoc = ae.associate("127.0.0.1", port, ae_title="CTSEG")
-assert assoc.is_established
-for path in files[: len(files) // 2]:
-    assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
-print("HALF", flush=True)
-while assoc.is_established:  # ctseg goes away mid-association
-    time.sleep(0.05)
-print("CUT", "aborted" if assoc.is_aborted else "released", flush=True)
-"""
-
 
 def storescu(port: int, files, aet: str = "MODALITY") -> None:
     tool = require_tool(STORESCU, "dcmtk's storescu (Debian package dcmtk)")
@@ -76,7 +56,7 @@ def test_ctseg_stopped_mid_association_the_cut_series_is_not_run_and_a_complete_
     files = write_files(datasets, tmp_path / "series")
     try:
         server.start()
-        sender = subprocess.Popen([sys.executable, "-c", SENDER_HOLDING_AN_ASSOCIATION, str(server.dicom_port),
+        sender = subprocess.Popen([sys.executable, "-c", HALF_A_SERIES_SENDER, "hold", str(server.dicom_port),
                                    *map(str, files)], stdout=subprocess.PIPE, text=True)
         assert sender.stdout.readline().strip() == "HALF"
         if how == "SIGKILL":

@@ -22,13 +22,7 @@ from phantoms import make_phantom
 from server.app import create_app
 from server.core.settings import Settings
 from server.jobs.lock import StorageLocked
-from test_api import nifti_bytes
-
-
-def long_ct() -> bytes:
-    """A NIfTI CT that takes the intensity bundle several seconds at overlap 0.75."""
-    image, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
-    return nifti_bytes(image)
+from test_faults import big_nifti
 
 
 def long_series() -> list:
@@ -88,7 +82,7 @@ def test_a_paused_worker_past_its_lease_changes_nothing(intensity_bundle, tmp_pa
                         concurrency=2, job_lease_s=1.5)
     with TestClient(create_app(settings)) as c:
         service = c.app.state.service
-        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", long_ct()))]).headers["Location"]
+        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", big_nifti()))]).headers["Location"]
         job_id = location.rsplit("/", 1)[-1]
         wait_for(lambda: c.get(location).json()["progress"]["windows_done"] > 0, 60, 0.02, "the job running")
         (paused, _), = [(pid, j) for pid, j in service.queue.running().items() if j == job_id]
@@ -114,7 +108,7 @@ def test_a_locked_database_delays_a_result_and_never_loses_it(intensity_bundle, 
     settings = Settings(bundle_dirs=[intensity_bundle], storage_dir=tmp_path / "storage", sw_overlap=0.75,
                         db_busy_timeout_s=0.2, job_lease_s=600)
     with TestClient(create_app(settings)) as c:
-        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", long_ct()))]).headers["Location"]
+        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", big_nifti()))]).headers["Location"]
         wait_for(lambda: c.get(location).json()["state"] == "running", 60, 0.02, "the job running")
         run = c.app.state.service.files.run_dir(location.rsplit("/", 1)[-1], 1)
         other = sqlite3.connect(tmp_path / "storage" / "jobs.sqlite3", isolation_level=None)

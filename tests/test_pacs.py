@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from dicom_factory import compress_jpeg2000, series_from_image, to_bytes, write_files
 from common import free_port, require_tool, wait_for
-from pacs import Orthanc, dicomweb_node, dimse_destination
+from pacs import HALF_A_SERIES_SENDER, Orthanc, dicomweb_node, dimse_destination
 from server.app import create_app
 from server.core.settings import Settings
 from test_api import phantom
@@ -265,29 +265,12 @@ def _ready(api: str) -> bool:
         return False
 
 
-SENDER_KILLED_MID_ASSOCIATION = """
-import os, signal, sys
-import pydicom
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
-from pydicom.uid import ExplicitVRLittleEndian
-port, files = int(sys.argv[1]), sys.argv[2:]
-ae = AE(ae_title="MODALITY")
-ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-assoc = ae.associate("127.0.0.1", port, ae_title="CTSEG")
-assert assoc.is_established
-for path in files[: len(files) // 2]:
-    assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
-os.kill(os.getpid(), signal.SIGKILL)  # the sender dies in the middle of the association
-"""
-
-
 def test_a_series_whose_sender_is_killed_mid_association_is_not_run(intensity_bundle, tmp_path, caplog):
     settings = ctseg_settings(intensity_bundle, tmp_path / "storage", dicom_incomplete_hold_minutes=0.1,
                               dicom_reassembly_minutes=0)
     files = write_files(ct_series(), tmp_path / "series")
     with TestClient(create_app(settings)) as client:
-        proc = subprocess.run([sys.executable, "-c", SENDER_KILLED_MID_ASSOCIATION, str(settings.dicom_port),
+        proc = subprocess.run([sys.executable, "-c", HALF_A_SERIES_SENDER, "die", str(settings.dicom_port),
                                *map(str, files)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         time.sleep(3)
