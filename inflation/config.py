@@ -68,9 +68,33 @@ class AugmentSection:
 
 
 @dataclass
-class TrainSection:
+class OptimSection:
+    """The optimiser and schedule fields every training config has (YAML keys of the same names), declared once.
+    A config whose recipe differs redeclares only that field, with a comment. Fields of a base come first in
+    ``fields()``/``asdict()``; a config with required fields of its own must then be ``kw_only``."""
+
     steps: int = 1000
     batch_size: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class LoopSection(OptimSection):
+    """The ``train`` section of the 3D training loops (train, pretrain-ssl, pretrain-vdt): gradient clipping, mixed
+    precision and periodic checkpoints on top of the optimiser fields (pretrain-2d has none of the three)."""
+
+    grad_clip: float = 1.0
+    amp: bool = True  # on CUDA only
+    ckpt_every: int = 200
+
+
+@dataclass
+class TrainSection(LoopSection):
+    lr: float = 3e-4  # differs from OptimSection (5e-4, the pre-training recipes'): fine-tuning's own default
     crops_per_case: int = 2
     # weight of background-centred crops against each class's (None: the number of classes, i.e. half the crops):
     # too few random crops teach a position-aware ViT that an organ sits at the window centre
@@ -79,16 +103,8 @@ class TrainSection:
     # share of the loss for, the small organs a Dice on one scan is hard on (e.g. {kidney_left: 3})
     class_ratios: dict[str, float] = field(default_factory=dict)
     class_weights: dict[str, float] = field(default_factory=dict)
-    lr: float = 3e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
     loss: Literal["dicece", "dicefocal"] = "dicece"
     val_every: int = 200
-    ckpt_every: int = 200
-    log_every: int = 10
-    seed: int = 0
-    amp: bool = True  # on CUDA only
     num_workers: int = 0
     sw_overlap: float = 0.25
     sw_batch: int = 4

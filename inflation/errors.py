@@ -24,3 +24,8 @@ class UnsupportedBackboneError(InflationError):
 
 class WeightsFileError(InflationError):
     """A weights file is missing, of an unknown type, or unreadable."""
+
+
+class ExportError(RuntimeError):
+    """Export failed or the exported graphs disagree with PyTorch beyond tolerance (here, not in inflation/export.py,
+    so that inflation/command.py can name it without importing torch)."""

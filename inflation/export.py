@@ -17,15 +17,12 @@ import numpy as np
 import torch
 
 from inflation.checkpoint import load_checkpoint
+from inflation.errors import ExportError
 from models.bundle import load_bundle, write_manifest
 from models.nets import ViTSegmenter
 
 log = logging.getLogger("ctseg.export")
 OPSET = 17
-
-
-class ExportError(RuntimeError):
-    """Export failed or the exported graphs disagree with PyTorch beyond tolerance."""
 
 
 def export_onnx(model: ViTSegmenter, path: Path, opset: int = OPSET) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 import models.nets._torchvision_compat  # noqa: F401  (before timm)
 import timm
-from inflation.config import ConfigError, DataConfig, load_config
+from inflation.config import ConfigError, DataConfig, OptimSection, load_config
 from inflation.data import discover, load_case, output_labels, split_cases
 from inflation.train import dice_per_class, lr_lambda, make_loss, seed_everything
 from models.preprocess import PreprocessSpec, Preprocessor
@@ -40,24 +40,24 @@ from models.preprocess import PreprocessSpec, Preprocessor
 log = logging.getLogger("ctseg.pretrain2d")
 
 
-@dataclass
-class Pretrain2DConfig:
+@dataclass(kw_only=True)  # kw_only: name and data (required) follow OptimSection's defaulted fields
+class Pretrain2DConfig(OptimSection):
     name: str
     data: DataConfig
     backbone: str = "vit_tiny_patch16_224"  # a timm ViT name: the architecture of the saved checkpoint
     img_size: int = 128  # in-plane pixels of a training crop
     spacing: list[float] = field(default_factory=lambda: [3.0, 1.5, 1.5])  # (D, H, W) mm
     window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    # differ from OptimSection (1000, 2, 1e-5, 50, 10): this recipe's own defaults, as before. No grad_clip, amp or
+    # ckpt_every keys (LoopSection): this loop clips at 1.0, runs in fp32 and saves once
     steps: int = 1500
     batch_size: int = 16
-    lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 100
+    log_every: int = 50
     drop_path_rate: float = 0.05
     intensity_jitter: float = 0.1  # random scale and shift of the normalised intensities
     loss: str = "dicece"
-    log_every: int = 50
-    seed: int = 0
     output: str = "runs/pretrain2d"
 
     @classmethod

@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from inflation.checkpoint import save_checkpoint
-from inflation.config import ConfigError, PreprocessSection, read_yaml_config
+from inflation.config import (
+    ConfigError,
+    LoopSection,
+    PreprocessSection,
+    read_yaml_config,
+)
 from inflation.train import Dist, PretrainRun, optimizer_step, seed_everything
 from models.config import ModelConfig
 from models.nets.swin import SwinSegmenter
@@ -38,17 +43,8 @@ ROTATIONS = 4
 
 
 @dataclass
-class SslSection:
-    steps: int = 1000
-    batch_size: int = 2  # sub-volumes per step (each gives two views)
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    seed: int = 0
-    amp: bool = True  # on CUDA only
-    ckpt_every: int = 200
-    log_every: int = 10
+class SslSection(LoopSection):
+    # batch_size: sub-volumes per step (each gives two views); optimiser defaults as in LoopSection
     mask_ratio: float = 0.3  # fraction of the sub-volume cut out for inpainting (in boxes)
     mask_box: int = 16  # cut-out box edge, voxels
     temperature: float = 0.5

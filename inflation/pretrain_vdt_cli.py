@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-log = logging.getLogger("ctseg.pretrain_vdt")
+from inflation.command import Command, arg
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain-vdt", help="supervised 3D pre-training of a ViT encoder on 2D images (variable dimension transform)")
-    p.add_argument("config", type=Path, help="pre-training config (YAML), e.g. configs/pretrain_vdt_demo.yaml")
-    p.add_argument("--resume", type=Path, help="checkpoint to continue from (last.pt)")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from inflation.config import ConfigError
-    from inflation.errors import InflationError
+def pretrain(args: argparse.Namespace) -> str:
     from inflation.pretrain_vdt import VdtConfig, pretrain_vdt
 
-    try:
-        cfg = VdtConfig.load(args.config)
-        if args.steps:
-            cfg.train.steps = args.steps
-        result = pretrain_vdt(cfg, resume=args.resume)
-    except (ConfigError, InflationError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    print(f"pre-trained {result['steps']} steps in {result['seconds']} s; loss {result['first_loss']:.4f} -> "
-          f"{result['last_loss']:.4f}; encoder in {Path(cfg.output) / 'vdt.pt'}")
-    return 0
+    cfg = VdtConfig.load(args.config)
+    if args.steps:
+        cfg.train.steps = args.steps
+    result = pretrain_vdt(cfg, resume=args.resume)
+    return (f"pre-trained {result['steps']} steps in {result['seconds']} s; loss {result['first_loss']:.4f} -> "
+            f"{result['last_loss']:.4f}; encoder in {Path(cfg.output) / 'vdt.pt'}")
+
+
+COMMAND = Command(
+    "pretrain-vdt",
+    help="supervised 3D pre-training of a ViT encoder on 2D images (variable dimension transform)",
+    action=pretrain, logger="ctseg.pretrain_vdt", arguments=(
+        arg("config", type=Path, help="pre-training config (YAML), e.g. configs/pretrain_vdt_demo.yaml"),
+        arg("--resume", type=Path, help="checkpoint to continue from (last.pt)"),
+        arg("--steps", type=int, help="override train.steps"),
+    ),
+)
+add_parser = COMMAND.add_parser
