@@ -29,6 +29,7 @@ from server.core.errors import (
 from server.core.metrics import Metrics
 from server.core.nodes import DimseNode, Route
 from server.core.settings import Settings
+from server.core.sqlite import StoreBusy
 from server.core.vocabulary import (
     DestinationChoice,
     ErrorKind,
@@ -81,6 +82,7 @@ class SegmentationService:
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._waiting_series: set[str] = set()  # received series that wait for room in the queue
+        self._last_sweep = self._in_touch_since = time.time()
 
     def _open(self) -> None:
         """Everything that touches the storage folder, once its lock is held."""
@@ -154,6 +156,11 @@ class SegmentationService:
             if job.id in routing:
                 continue  # a received series: staged again once the listener is up (_recover_routing)
             if job.origin.kind == OriginKind.DIMSE:
+                if any(self.files.input_dir(job.id).glob("*")):
+                    # a received series already in the job's input (moved there by a release before this one):
+                    # acknowledged long ago, so staged again here rather than lost
+                    self._restage_orphan(job)
+                    continue
                 self.store.cancel(job.id)  # made before its series was claimed: the series is routed again
                 self.files.remove(job.id)
                 continue
@@ -165,20 +172,33 @@ class SegmentationService:
         for orphan in self.files.job_ids() - known:
             self.files.remove(orphan)  # a job deleted while a run wrote, or a record never committed
 
+    def _restage_orphan(self, job: Job) -> None:
+        try:
+            spec, notes, staged = self._stage(job)
+            if self.store.mark_staged(job.id, staged, spec, notes):
+                log.warning("job %s: its received series was being staged when the service stopped; queued", job.id)
+        except Exception as err:  # noqa: BLE001 - recorded on the job
+            self.fail_staging(job.id, err)
+
+    def _node(self) -> ArrivalStore:
+        if self.arrivals is None:
+            raise RuntimeError("received series need the DICOM listener (CTSEG_DICOM_PORT)")
+        return self.arrivals
+
     def _recover_routing(self) -> None:
-        assert self.arrivals is not None  # noqa: S101
-        for series_uid, job_id in self.arrivals.in_routing():
+        arrivals = self._node()
+        for series_uid, job_id in arrivals.in_routing():
             job = self.store.get(job_id)
-            series = self.arrivals.get(series_uid)
+            series = arrivals.get(series_uid)
             if job is None or series is None:
-                self.arrivals.abandon_routing(series_uid)
+                arrivals.abandon_routing(series_uid)
             elif job.state == JobState.STAGING:
                 log.warning("job %s: its received series was being staged when the service stopped; staging it "
                             "again", job_id)
                 self.files.remove_input(job_id)
                 self._stage_received(job, series)
             else:
-                self.arrivals.routed(series_uid, job_id)
+                arrivals.routed(series_uid, job_id)
 
     def cleanup(self) -> int:
         expired = self.store.expired(self.settings.retention_hours * 3600)
@@ -196,9 +216,28 @@ class SegmentationService:
                 log.exception("sweep failed")
 
     def sweep(self) -> None:
-        """Runs whose lease expired (a paused, cut off or stopped worker) go back to the queue."""
-        for r in self.store.requeue_expired(time.time(), self.settings.job_max_attempts):
-            self._count_requeue(r, "lease")
+        """Runs whose lease expired (a paused, cut off or stopped worker) go back to the queue; queued jobs the
+        queue may have lost are submitted again (a duplicate finds the job claimed and does nothing).
+
+        A lease is judged expired only after the sweeper itself has been in touch with the store for a whole lease:
+        when the database was locked, no heartbeat could land either, and the runs are alive."""
+        now = time.time()
+        lease = self.settings.job_lease_s
+        if now - self._last_sweep > lease / 2:  # this sweep comes late (the store was locked, the machine paused)
+            self._in_touch_since = now
+        self._last_sweep = now
+        if now - self._in_touch_since >= lease:
+            try:
+                requeued = self.store.requeue_expired(now, self.settings.job_max_attempts)
+            except StoreBusy:
+                self._in_touch_since = self._last_sweep = time.time()
+                return
+            for r in requeued:
+                self._count_requeue(r, "lease")
+        for job in self.store.in_state(JobState.QUEUED):
+            if job.updated < now - lease:
+                self.queue.submit(job.id)
+        self._last_sweep = time.time()
 
     def _count_requeue(self, r: Requeued, reason: str) -> None:
         self.metrics.job_attempts.labels(reason).inc()
@@ -309,9 +348,9 @@ class SegmentationService:
     # ---------------------------------------------------------------------------------------- received series
     def route_received(self, series: ArrivedSeries, route: Route | None) -> None:
         """A received series is complete and quiet (server/dicomnode/listener.py): run it whole, or say why not."""
-        assert self.arrivals is not None  # noqa: S101
+        arrivals = self._node()
         if route is None:
-            self.arrivals.evaluated(series.series_uid, series.instances)
+            arrivals.evaluated(series.series_uid, series.instances)
             self.metrics.dicom_series.labels("unrouted").inc()
             log.info("received %s series of %d slice(s) from %s: no route takes it; not run", series.modality or "?",
                      series.frames, series.calling_ae_title)
@@ -327,7 +366,7 @@ class SegmentationService:
                 log.warning("a received series waits: %s", err)
             return
         self._waiting_series.discard(series.series_uid)
-        if not self.arrivals.begin_routing(series.series_uid, job.id, series.instances):
+        if not arrivals.begin_routing(series.series_uid, job.id, series.instances):
             self.discard(job.id)
             return
         self.metrics.dicom_series.labels("rerouted" if series.job_id else "routed").inc()
@@ -335,19 +374,26 @@ class SegmentationService:
 
     def _stage_received(self, job: Job, series: ArrivedSeries) -> None:
         """Link the series' instances into the job, stage it, replace the job made of an earlier part, queue it.
-        A crash anywhere here is resumed at the next start (the arrival keeps ``staging_job`` until the end)."""
-        assert self.arrivals is not None  # noqa: S101
-        self.arrivals.link_into(series.series_uid, self.files.input_dir(job.id))
+        A crash anywhere here is resumed at the next start (the arrival keeps ``staging_job`` until the end); an
+        error of this side (a full disk, a locked database) gives the series back to be routed again."""
+        arrivals = self._node()
         try:
-            spec, notes, staged = self._stage(job)
-        except Exception as err:  # noqa: BLE001 - every refusal is recorded on the job
-            self._supersede(job, [])  # the earlier part is not the series either: its SEG is not sent
-            self.fail_staging(job.id, err)
-            self.arrivals.routed(series.series_uid, job.id)
+            arrivals.link_into(series.series_uid, self.files.input_dir(job.id))
+            try:
+                spec, notes, staged = self._stage(job)
+            except (InputError, PayloadTooLarge) as err:  # the series itself is refused: recorded on the job
+                self._supersede(job, [])  # the earlier part is not the series either: its SEG is not sent
+                self.fail_staging(job.id, err)
+                arrivals.routed(series.series_uid, job.id)
+                return
+            self._supersede(job, notes)
+            self._enqueue(job, staged, spec, notes)
+        except Exception:
+            log.exception("job %s: a received series could not be made into a job; it is tried again", job.id)
+            self.discard(job.id)
+            arrivals.abandon_routing(series.series_uid)
             return
-        self._supersede(job, notes)
-        self._enqueue(job, staged, spec, notes)
-        self.arrivals.routed(series.series_uid, job.id)
+        arrivals.routed(series.series_uid, job.id)
         log.info("job %s queued: %s series of %d slice(s) received from %s%s", job.id, series.modality,
                  series.frames, series.calling_ae_title, f", superseding job {job.supersedes}" if job.supersedes else "")
 
@@ -368,7 +414,7 @@ class SegmentationService:
 
     def refuse_cut_off(self, series: ArrivedSeries) -> None:
         """A series cut off by an aborted association and not sent again within the hold: a failed job says so."""
-        assert self.arrivals is not None  # noqa: S101
+        arrivals = self._node()
         spec = JobSpec(self.default_model, (Output.DICOM_SEG,), series.series_uid, (), DestinationChoice.DEFAULT,
                        Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title))
         job = self.store.create(spec)
@@ -378,7 +424,7 @@ class SegmentationService:
                           f"connection cut) and the series was not sent again complete within {hold:g} min; send it "
                           "again")
         log.warning("job %s: a received series cut off by an aborted association was not run", job.id)
-        self.arrivals.drop(series.series_uid)
+        arrivals.cut_off(series.series_uid, series.instances)  # a complete resend still runs it
 
     # ---------------------------------------------------------------------------------------- reading
     def wait(self, job_id: str, timeout: float) -> bool:
@@ -453,7 +499,7 @@ class SegmentationService:
         how = "killed (out of memory?)" if exit_code == -9 else f"exit code {exit_code}"
         requeued = self.store.release(claim, f"the worker process running it stopped ({how})",
                                       self.settings.job_max_attempts)
-        if requeued is not None:
+        if requeued is not None:  # the run still held the job: what it wrote does not count
             self._count_requeue(requeued, "worker")
-        self.files.remove_run(claim.job_id, claim.attempt)
+            self.files.remove_run(claim.job_id, claim.attempt)
         self._finished(claim.job_id)

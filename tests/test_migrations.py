@@ -56,7 +56,10 @@ def test_a_first_release_database_is_migrated_and_carries_on(tmp_path):
     db.execute("INSERT INTO incoming VALUES ('1.2.3', '1.2', 'MODALITY', 'CT', 'd', 30, 30, ?, ?, 1)", (now, now))
     db.commit()
     db.close()
-    (tmp_path / "incoming" / digest("1.2.3")).mkdir(parents=True)
+    folder = tmp_path / "incoming" / digest("1.2.3")
+    folder.mkdir(parents=True)
+    for sop in ("1.2.3.1", "1.2.3.2"):
+        (folder / f"{digest(sop)}.dcm").write_bytes(b"an instance the first release acknowledged")
 
     store = SqliteJobStore(tmp_path)
     named = store.get("named")
@@ -73,6 +76,7 @@ def test_a_first_release_database_is_migrated_and_carries_on(tmp_path):
     arrivals = ArrivalStore(tmp_path)
     legacy = arrivals.get("1.2.3")
     assert legacy is not None and not legacy.complete  # its association aborted under the first release
+    assert arrivals.link_into("1.2.3", tmp_path / "linked") == 2  # its files are the series' instances
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as check:
         versions = dict(check.execute("SELECT component, version FROM schema_migrations"))
     assert versions == {"jobs": 2, "arrivals": 2}
@@ -86,3 +90,18 @@ def test_a_database_newer_than_this_release_is_refused(tmp_path):
         db.execute("UPDATE schema_migrations SET version = 99 WHERE component = 'jobs'")
     with pytest.raises(RuntimeError, match="newer than this ctseg knows"):
         SqliteJobStore(tmp_path)
+
+
+def test_connections_of_threads_that_ended_are_closed(tmp_path):
+    """A heartbeat thread per run, the server's thread pool: each thread's connection goes with it."""
+    import threading
+
+    store = SqliteJobStore(tmp_path)
+    for _ in range(50):
+        t = threading.Thread(target=store.counts)
+        t.start()
+        t.join()
+    store.counts()
+    threading.Thread(target=store.counts).start()
+    assert store.connections() <= 3
+    store.close()

@@ -9,22 +9,15 @@ and the API process holds a bounded amount per request whatever the upload (the 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from server.core.archives import stored_name
 from server.core.errors import InputError
 
 FIELD = "files"
-
-
-def stored_name(client_name: str | None, index: int) -> str:
-    """The part's file name on disk: its index, then a sanitised last component (for the suffix: .zip, .nii.gz).
-    Never used in messages or logs: client file names often name the patient."""
-    base = Path((client_name or f"file{index}").replace("\\", "/")).name
-    return f"{index:05d}_" + (re.sub(r"[^A-Za-z0-9._-]", "_", base)[:120].lstrip(".") or "file")
 
 
 class _Receiver:
@@ -57,7 +50,7 @@ class _Receiver:
             return  # other form fields are ignored (parameters are query parameters)
         if len(self.names) >= self.max_files:
             raise InputError(f"more than {self.max_files} files in one upload (CTSEG_ZIP_MAX_MEMBERS); send a zip")
-        stored = stored_name(filename.decode("utf-8", "replace"), len(self.names))
+        stored = stored_name(len(self.names), filename.decode("utf-8", "replace"), width=5)
         self.names.append(stored)
         self.out = open(self.inbox / stored, "wb")  # noqa: SIM115 - closed at the part's end
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -45,10 +44,17 @@ def _check_directory(members: list[zipfile.ZipInfo], archive_size: int, limits: 
                          "(CTSEG_ZIP_MAX_RATIO): a zip bomb?")
 
 
-def _member_name(index: int, name: str) -> str:
-    """Never the member's path ('../', absolute, device names): its index and a sanitised last component."""
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", PurePosixPath(name.replace("\\", "/")).name)[:100].lstrip(".")
-    return f"{index:06d}_{base or 'member'}"
+# The only part of a client's file name kept on disk: the suffixes that decide how a file is read.
+KEPT_SUFFIXES = (".nii.gz", ".nii", ".zip", ".dcm")
+
+
+def stored_name(index: int, client_name: str | None, width: int = 6) -> str:
+    """A received file's name on disk: its position and, if it has one of ``KEPT_SUFFIXES``, that suffix. Nothing
+    else of the client's name (which often names the patient) ever reaches the disk, a path in a message or a
+    log; and no path component ('../', absolute or device names) can be one."""
+    base = PurePosixPath((client_name or "").replace("\\", "/")).name.lower()
+    suffix = next((x for x in KEPT_SUFFIXES if base.endswith(x)), "")
+    return f"{index:0{width}d}{suffix}"
 
 
 def extract_zip(path: Path, target: Path, limits: ZipLimits) -> list[Path]:
@@ -63,7 +69,7 @@ def extract_zip(path: Path, target: Path, limits: ZipLimits) -> list[Path]:
         _check_directory(members, path.stat().st_size, limits)
         written = 0
         for index, member in enumerate(members):
-            dest = target / _member_name(index, member.filename)
+            dest = target / stored_name(index, member.filename)
             size = 0
             try:
                 with archive.open(member) as src, open(dest, "wb") as dst:

@@ -9,6 +9,7 @@ itself is a folder entry); every folder it creates is fsynced into its parent.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def make_dirs(path: Path) -> Path:
 
 
 def temporary(path: Path) -> Path:
-    return path.with_name(PART + path.name)
+    """A name of its own for each write (two writers of one path, say a sender's two associations storing the same
+    instance at once, never share a temporary file); the suffix stays."""
+    return path.with_name(f"{PART}{uuid.uuid4().hex[:12]}-{path.name}")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

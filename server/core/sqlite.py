@@ -40,17 +40,35 @@ def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT; on any error (a failed COMMIT included) the transaction is rolled back if SQLite
+    has not done so itself (it has, on SQLITE_FULL), so the connection is never left inside one."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
-def migrate(db: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> int:
-    """Apply the migrations of ``component`` not yet applied, in order, in one transaction; returns the version."""
+@contextmanager
+def busy_timeout(db: sqlite3.Connection, seconds: float, restore_s: float) -> Iterator[None]:
+    """A shorter wait for another connection's lock, for writes that are repeated anyway (leases, progress)."""
+    db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+    try:
+        yield
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(restore_s * 1000)}")
+
+
+def migrate(db: sqlite3.Connection, component: str, migrations: Sequence[Migration], patience_s: float = 300.0) -> int:
+    """Apply the migrations of ``component`` not yet applied, in order, in one transaction; returns the version.
+    Retried while another connection holds the lock (a worker starting while the service writes)."""
+    return retry_busy(lambda: _migrate(db, component, migrations), patience_s, f"open the {component} schema")
+
+
+def _migrate(db: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> int:
     with transaction(db):
         db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
         row = db.execute("SELECT version FROM schema_migrations WHERE component = ?", (component,)).fetchone()

@@ -54,7 +54,7 @@ def _v1_baseline(db: sqlite3.Connection) -> None:
 
 def _v2_associations(db: sqlite3.Connection) -> None:
     for column in ("routed_instances INTEGER NOT NULL DEFAULT 0", "job_id TEXT", "staging_job TEXT",
-                   "staging_instances INTEGER", "routed_at REAL"):
+                   "staging_instances INTEGER", "routed_at REAL", "cut_off_at REAL"):
         db.execute(f"ALTER TABLE incoming ADD COLUMN {column}")
     db.execute("""CREATE TABLE associations (
         id TEXT PRIMARY KEY, calling_ae_title TEXT NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL, closed REAL)""")
@@ -103,7 +103,7 @@ def digest(uid: str) -> str:
 
 _SERIES = ("s.series_uid, s.study_uid, s.calling_ae_title, s.modality, s.description, s.instances, s.frames, "
            "s.first_received, s.last_received, s.routed_instances, s.job_id, "
-           "(s.aborted = 0 AND NOT EXISTS (SELECT 1 FROM arrival_instances i JOIN associations a ON "
+           "(NOT EXISTS (SELECT 1 FROM arrival_instances i JOIN associations a ON "
            " a.id = i.association_id WHERE i.series_uid = s.series_uid AND a.state = 'aborted')) AS complete, "
            "EXISTS (SELECT 1 FROM arrival_instances i JOIN associations a ON a.id = i.association_id "
            " WHERE i.series_uid = s.series_uid AND a.state = 'open') AS busy")
@@ -120,8 +120,12 @@ class ArrivalStore:
         self.patience_s = patience_s
         self._db = sqlite.connect(self.path, busy_timeout_s)
         self.lock = threading.Lock()  # one connection, one writer at a time in this process
-        sqlite.migrate(self._db, COMPONENT, MIGRATIONS)
+        # An instance's file and row, and a series' removal, never interleave: a removal decided on what a series
+        # was cannot take an instance acknowledged since.
+        self._series_lock = threading.Lock()
+        sqlite.migrate(self._db, COMPONENT, MIGRATIONS, patience_s)
         self._drop_orphans()
+        self._adopt_first_release()
 
     def close(self) -> None:
         with self.lock:
@@ -170,6 +174,10 @@ class ArrivalStore:
     # ------------------------------------------------------------------------------------------------ instances
     def store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, data: bytes) -> None:
         """Write one instance durably, then record it: the caller answers success only after this returns."""
+        with self._series_lock:
+            self._store_instance(assoc_id, calling_ae_title, header, data)
+
+    def _store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, data: bytes) -> None:
         folder = self.folder(header.series_uid)
         durable.make_dirs(folder)
         instance = digest(header.sop_instance_uid)
@@ -203,7 +211,8 @@ class ArrivalStore:
         """Series quiet since ``quiet_before`` with instances not yet routed, not being routed now."""
         rows = self._run("find due series", lambda db: db.execute(
             f"SELECT {_SERIES} FROM incoming s WHERE s.last_received <= ? AND s.staging_job IS NULL "  # noqa: S608
-            "AND s.instances > s.routed_instances ORDER BY s.last_received", (quiet_before,)).fetchall())
+            "AND (s.instances > s.routed_instances OR s.last_received > s.cut_off_at) ORDER BY s.last_received",
+            (quiet_before,)).fetchall())
         return [_series(r) for r in rows]
 
     def get(self, series_uid: str) -> ArrivedSeries | None:
@@ -232,7 +241,7 @@ class ArrivalStore:
         """The job made of the series is queued (or the series was refused): routing is done."""
         self._run("finish routing", lambda db: db.execute(
             "UPDATE incoming SET job_id = COALESCE(?, job_id), routed_instances = COALESCE(staging_instances, instances), "
-            "staging_job = NULL, staging_instances = NULL, routed_at = ? WHERE series_uid = ?",
+            "staging_job = NULL, staging_instances = NULL, cut_off_at = NULL, routed_at = ? WHERE series_uid = ?",
             (job_id, time.time(), series_uid)))
 
     def evaluated(self, series_uid: str, instances: int) -> None:
@@ -240,6 +249,14 @@ class ArrivalStore:
         self._run("skip a series", lambda db: db.execute(
             "UPDATE incoming SET routed_instances = ?, routed_at = ? WHERE series_uid = ?",
             (instances, time.time(), series_uid)))
+
+    def cut_off(self, series_uid: str, instances: int) -> None:
+        """Not sent again complete within the hold: not run, and kept (reassembly) so that a complete resend (the
+        same instances through a released association) still makes it due."""
+        now = time.time()
+        self._run("give up a series", lambda db: db.execute(
+            "UPDATE incoming SET routed_instances = ?, routed_at = ?, cut_off_at = ? WHERE series_uid = ?",
+            (instances, now, now, series_uid)))
 
     def abandon_routing(self, series_uid: str) -> None:
         self._run("abandon routing", lambda db: db.execute(
@@ -250,23 +267,32 @@ class ArrivalStore:
         return [tuple(r) for r in self._run("find series in routing", lambda db: db.execute(
             "SELECT series_uid, staging_job FROM incoming WHERE staging_job IS NOT NULL").fetchall())]
 
-    def stale(self, routed_before: float) -> list[str]:
-        """Series routed (or skipped) before ``routed_before`` with nothing new since: their reassembly window is
-        over."""
-        return [r[0] for r in self._run("find stale series", lambda db: db.execute(
-            "SELECT series_uid FROM incoming WHERE staging_job IS NULL AND routed_at IS NOT NULL AND routed_at < ? "
-            "AND last_received <= routed_at AND instances <= routed_instances", (routed_before,)).fetchall())]
+    def stale(self, routed_before: float) -> list[tuple[str, float]]:
+        """(series UID, last received) of series routed (or skipped) before ``routed_before`` with nothing new
+        since: their reassembly window is over."""
+        return [tuple(r) for r in self._run("find stale series", lambda db: db.execute(
+            "SELECT series_uid, last_received FROM incoming WHERE staging_job IS NULL AND routed_at IS NOT NULL "
+            "AND routed_at < ? AND last_received <= routed_at AND instances <= routed_instances",
+            (routed_before,)).fetchall())]
 
-    def drop(self, series_uid: str) -> None:
-        shutil.rmtree(self.folder(series_uid), ignore_errors=True)
-
-        def body(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM arrival_instances WHERE series_uid = ?", (series_uid,))
-            db.execute("DELETE FROM incoming WHERE series_uid = ?", (series_uid,))
-            db.execute("DELETE FROM associations WHERE state != ? AND NOT EXISTS "
-                       "(SELECT 1 FROM arrival_instances i WHERE i.association_id = associations.id)",
-                       (AssociationState.OPEN,))
-        self._tx("drop a series", body)
+    def drop(self, series_uid: str, seen_last_received: float | None = None) -> bool:
+        """The series' rows and files removed; with ``seen_last_received``, only if nothing arrived since it was
+        seen (else False: the series lives on)."""
+        with self._series_lock:
+            def body(db: sqlite3.Connection) -> bool:
+                row = db.execute("SELECT last_received FROM incoming WHERE series_uid = ?", (series_uid,)).fetchone()
+                if row is not None and seen_last_received is not None and row[0] > seen_last_received:
+                    return False
+                db.execute("DELETE FROM arrival_instances WHERE series_uid = ?", (series_uid,))
+                db.execute("DELETE FROM incoming WHERE series_uid = ?", (series_uid,))
+                db.execute("DELETE FROM associations WHERE state != ? AND NOT EXISTS "
+                           "(SELECT 1 FROM arrival_instances i WHERE i.association_id = associations.id)",
+                           (AssociationState.OPEN,))
+                return True
+            if not self._tx("drop a series", body):
+                return False
+            shutil.rmtree(self.folder(series_uid), ignore_errors=True)  # rows first: a crash leaves an orphan folder
+            return True
 
     def waiting(self) -> dict[str, int]:
         """Series not routed yet: still receiving (or quiet, about to be routed), and cut off (incomplete)."""
@@ -277,6 +303,26 @@ class ArrivalStore:
 
     def pending(self) -> int:
         return self._run("count series", lambda db: db.execute("SELECT COUNT(*) FROM incoming").fetchone()[0])
+
+    def _adopt_first_release(self) -> None:
+        """Series received by the first releases have no instance rows: each file becomes one, under a stand-in
+        association in the state the release recorded (its ``aborted`` flag), so they go on like any other."""
+        legacy = self._run("find first-release series", lambda db: db.execute(
+            "SELECT series_uid, aborted, instances, frames FROM incoming s WHERE NOT EXISTS "
+            "(SELECT 1 FROM arrival_instances i WHERE i.series_uid = s.series_uid)").fetchall())
+        for series_uid, aborted, instances, frames in legacy:
+            files = sorted(self.folder(series_uid).glob("*.dcm"))
+            state = AssociationState.ABORTED if aborted else AssociationState.RELEASED
+            assoc = f"first-release-{state}"
+            per = max(1, frames // max(1, instances))
+
+            def body(db: sqlite3.Connection, series_uid: str = series_uid, files: list = files) -> None:
+                db.execute("INSERT OR IGNORE INTO associations (id, calling_ae_title, state, opened, closed) "
+                           "VALUES (?, '', ?, 0, 0)", (assoc, state))
+                db.executemany("INSERT OR IGNORE INTO arrival_instances VALUES (?,?,?,?,?)",
+                               [(series_uid, f.stem, assoc, per, time.time()) for f in files])
+                db.execute("UPDATE incoming SET aborted = 0 WHERE series_uid = ?", (series_uid,))
+            self._tx("adopt a first-release series", body)
 
     def _drop_orphans(self) -> None:
         """After a crash: rows whose folder is gone, folders with no row, half-written files."""

@@ -62,6 +62,7 @@ class DicomListener:
         self._lock = threading.Lock()
         self._assoc_ids: dict[int, str] = {}  # pynetdicom association -> its row in the arrival store
         self._released: set[int] = set()
+        self._refused: set[int] = set()  # associations with a C-STORE answered Out of Resources
         self._told_waiting: set[str] = set()
         self._stopping = threading.Event()
         self._router: threading.Thread | None = None
@@ -149,8 +150,10 @@ class DicomListener:
         key = id(event.assoc)
         with self._lock:
             assoc_id = self._assoc_ids.pop(key, None)
-            released = key in self._released
+            refused = key in self._refused
+            released = key in self._released and not refused  # a refused instance is a gap, like an abort
             self._released.discard(key)
+            self._refused.discard(key)
         if assoc_id is None:
             return
         try:
@@ -158,7 +161,10 @@ class DicomListener:
         except Exception:  # it stays open in the store: the next start counts it aborted
             log.exception("cannot record the end of a DICOM association")
             return
-        if carried and not released:  # the sender vanished (killed, network cut, A-ABORT) mid-association
+        if carried and refused:
+            log.warning("DICOM association from %r had instance(s) refused (Out of Resources); the %d series it "
+                        "carried wait to be sent again complete", self._calling(event), len(carried))
+        elif carried and not released:  # the sender vanished (killed, network cut, A-ABORT) mid-association
             log.warning("DICOM association from %r ended without release after carrying %d series; they wait to be "
                         "sent again complete", self._calling(event), len(carried))
 
@@ -181,6 +187,8 @@ class DicomListener:
         except (OSError, sqlite3.Error, StoreBusy) as err:
             why = "the storage is full" if storage_full(err) else f"cannot store it ({type(err).__name__})"
             log.error("C-STORE answered Out of Resources: %s", why)
+            with self._lock:
+                self._refused.add(id(event.assoc))
             return StoreStatus.OUT_OF_RESOURCES
         self.metrics.dicom_instances.inc()
         return StoreStatus.SUCCESS
@@ -219,7 +227,7 @@ class DicomListener:
             self._told_waiting.discard(series.series_uid)
             rule = next((r for r in s.routes if r.matches(series.modality, series.description, series.frames)), None)
             self.on_due(series, rule)
-        for stale in self.arrivals.stale(now - s.dicom_reassembly_minutes * 60):
-            self.arrivals.drop(stale)
+        for stale, seen in self.arrivals.stale(now - s.dicom_reassembly_minutes * 60):
+            self.arrivals.drop(stale, seen)
         for reason, n in waiting.items():
             self.metrics.dicom_waiting.labels(reason).set(n)

@@ -121,11 +121,7 @@ class JobExecutor:
             except Exception as err:  # a bug or an environment problem: recorded, never lost
                 self.files.remove_run(job_id, claim.attempt)
                 if storage_full(err):
-                    # Free what this job holds first (its input is the largest part), so its record can be written.
-                    self.files.remove_input(job_id)
-                    log.error("job %s failed: the storage is full", job_id)
-                    self.store.fail(claim, ErrorKind.INTERNAL, "the storage is full (no space left on device) while "
-                                    "this job ran; free space in CTSEG_STORAGE_DIR and submit it again")
+                    self._fail_on_full_disk(claim)
                     return
                 log.exception("job %s failed", job_id)
                 if self.store.fail(claim, ErrorKind.INTERNAL, f"internal error: {type(err).__name__}"):
@@ -135,6 +131,25 @@ class JobExecutor:
         self.files.remove_other_runs(job_id, claim.attempt)
         log.info("job %s succeeded in %.2f s (%s)", job_id, sum(result.timings.values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+
+    def _fail_on_full_disk(self, claim: Claim) -> None:
+        """The job's record says so; if even that cannot be written, this run's input (the largest part) is freed
+        first, but only while this run still holds the job (a read, which needs no space)."""
+        log.error("job %s failed: the storage is full", claim.job_id)
+        message = ("the storage is full (no space left on device) while this job ran; free space in "
+                   "CTSEG_STORAGE_DIR and submit it again")
+        try:
+            done = self.store.fail(claim, ErrorKind.INTERNAL, message)
+        except Exception as err:
+            if not storage_full(err):
+                raise
+            current = self.store.get(claim.job_id)
+            if current is None or current.attempt != claim.attempt or current.state.finished:
+                return
+            self.files.remove_input(claim.job_id)
+            done = self.store.fail(claim, ErrorKind.INTERNAL, message)
+        if done:
+            self.files.remove_input(claim.job_id)
 
     def _commit(self, claim: Claim, job: Job, result: JobResult) -> bool:
         """Success and the SEG's deliveries in one transaction: the outbox holds it before the job counts as done."""

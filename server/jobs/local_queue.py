@@ -247,8 +247,7 @@ class ProcessWorkers:
             with self._lock:
                 worker.ready = True
                 self._dispatch()
-        elif kind == "error":
-            self.start_error = value
+        elif kind == "error":  # it exits now; its replacement counts towards the crash loop like any death
             log.error("a replacement worker process could not start: %s", value)
         return True
 

@@ -96,6 +96,8 @@ class DestinationSender:
     def _attempt(self, delivery: Delivery) -> bool:
         """One try; False when the destination did not answer (the breaker opens)."""
         ob = self.outbox
+        if not ob.store.begin_send(delivery, LEASE_S):
+            return True  # superseded, given up or taken over since the batch was claimed: not sent
         job = ob.store.get(delivery.job_id)
         path = ob.files.result_path(job, ResultFile.SEG) if job is not None else None
         if path is None or not path.is_file():
@@ -110,10 +112,13 @@ class DestinationSender:
         except DeliveryError as err:
             self._open(delivery, str(err))
             return False
-        except Exception as err:  # a bug in a client library: retried, and loud
-            log.exception("delivery %d to %s raised", delivery.id, delivery.destination)
-            self._open(delivery, f"internal error: {type(err).__name__}")
-            return False
+        except Exception as err:  # this side's problem (an unreadable SEG, a client library's bug): retried, loud,
+            log.exception("delivery %d to %s raised", delivery.id, delivery.destination)  # and not the destination's
+            delay = ob.backoff(delivery.attempts + 1)
+            ob.store.delivery_done(delivery, DeliveryState.PENDING, f"internal error: {type(err).__name__}",
+                                   next_attempt=time.time() + delay)
+            ob.metrics.delivery_attempts.labels(delivery.destination, "retry").inc()
+            return True
         ob.record(delivery, DeliveryState.DELIVERED, None, warning)
         log.info("job %s: SEG delivered to %s in %.2f s (attempt %d)%s", delivery.job_id, delivery.destination,
                  time.perf_counter() - t, delivery.attempts + 1, " with a warning" if warning else "")
@@ -134,6 +139,7 @@ class DestinationSender:
             answers = False
         if answers:
             log.info("destination %s answers again; trying one SEG", self.node.name)
+            ob.store.expedite(self.node.name, time.time())  # its SEGs are due now, not at their back-off
             return True
         self.failures += 1
         self.probe_at = time.time() + min(ob.backoff(self.failures), ob.settings.delivery_probe_max_s)

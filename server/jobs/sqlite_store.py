@@ -45,6 +45,7 @@ from server.jobs.store import Requeued, Superseded
 
 T = TypeVar("T")
 COMPONENT = "jobs"
+ONE_TRY_BUSY_S = 0.05
 DB_NAME = "jobs.sqlite3"
 
 
@@ -128,9 +129,9 @@ class SqliteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_s, self.patience_s = busy_timeout_s, patience_s
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._guard = threading.Lock()
-        sqlite.migrate(self._db(), COMPONENT, MIGRATIONS)
+        sqlite.migrate(self._db(), COMPONENT, MIGRATIONS, patience_s)
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def _db(self) -> sqlite3.Connection:
@@ -140,19 +141,32 @@ class SqliteJobStore:
             db.row_factory = sqlite3.Row
             self._local.db = db
             with self._guard:
-                self._connections.append(db)
+                # Threads come and go (a heartbeat per run, the server's thread pool): their connections go too.
+                for thread, old in [c for c in self._connections if not c[0].is_alive()]:
+                    old.close()
+                self._connections = [c for c in self._connections if c[0].is_alive()]
+                self._connections.append((threading.current_thread(), db))
         return db
 
     def close(self) -> None:
         with self._guard:
-            for db in self._connections:
+            for _, db in self._connections:
                 db.close()
             self._connections.clear()
         self._local = threading.local()
 
+    def connections(self) -> int:
+        with self._guard:
+            return len(self._connections)
+
     def _run(self, what: str, fn: Callable[[sqlite3.Connection], T], patience_s: float | None = None) -> T:
         """One statement or transaction, retried while another connection holds the lock (``patience_s`` 0: one
-        try, :class:`StoreBusy` at once; for writes that are repeated anyway)."""
+        short try, :class:`StoreBusy` at once; for writes that are repeated anyway, which must not hold up the
+        inference that makes them)."""
+        if patience_s == 0:
+            db = self._db()
+            with sqlite.busy_timeout(db, ONE_TRY_BUSY_S, self.busy_timeout_s):
+                return sqlite.retry_busy(lambda: fn(db), 0, what)
         return sqlite.retry_busy(lambda: fn(self._db()), self.patience_s if patience_s is None else patience_s, what)
 
     @contextmanager
@@ -160,11 +174,11 @@ class SqliteJobStore:
         with sqlite.transaction(self._db()) as db:
             yield db
 
-    def _in_tx(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _in_tx(self, what: str, fn: Callable[[sqlite3.Connection], T], patience_s: float | None = None) -> T:
         def body(_: sqlite3.Connection) -> T:
             with self._tx() as db:
                 return fn(db)
-        return self._run(what, body)
+        return self._run(what, body, patience_s)
 
     # ------------------------------------------------------------------------------------------------ jobs
     def create(self, spec: JobSpec, supersedes: str | None = None) -> Job:
@@ -291,17 +305,20 @@ class SqliteJobStore:
         return Requeued(job.id, JobState.QUEUED, job.attempt)
 
     def _release_where(self, what: str, where: str, args: tuple[Any, ...], reason: str,
-                       max_attempts: int) -> list[Requeued]:
+                       max_attempts: int, patience_s: float | None = None) -> list[Requeued]:
         def body(db: sqlite3.Connection) -> list[Requeued]:
             rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND {where}",  # noqa: S608
                               (_RUNNING, *args)).fetchall()
             return [self._release_row(db, row, reason, max_attempts) for row in rows]
-        return self._in_tx(what, body)
+        return self._in_tx(what, body, patience_s)
 
     def requeue_expired(self, now: float, max_attempts: int) -> list[Requeued]:
-        """Running jobs whose worker stopped renewing its lease."""
+        """Running jobs whose worker stopped renewing its lease. One short try (StoreBusy while the database is
+        locked): a sweep that waited out a lock would find every live run expired, its heartbeats having waited
+        too."""
         return self._release_where("requeue expired leases", "lease_until < ?", (now,),
-                                   "its worker stopped renewing its lease (stopped, paused or cut off)", max_attempts)
+                                   "its worker stopped renewing its lease (stopped, paused or cut off)", max_attempts,
+                                   patience_s=0)
 
     def requeue_running(self, reason: str, max_attempts: int) -> list[Requeued]:
         """Every running job, at the start of the one service that may hold them (its storage lock proves that
@@ -373,19 +390,19 @@ class SqliteJobStore:
     def claim_deliveries(self, destination: str, now: float, lease_s: float, limit: int) -> list[Delivery]:
         """Due deliveries to ``destination``, claimed with a token for ``lease_s`` so no other sender takes them."""
         token = uuid.uuid4().hex
+        rows = self._run("claim deliveries", lambda db: db.execute(
+            f"UPDATE deliveries SET claim = ?, claimed_until = ? WHERE id IN (SELECT id FROM deliveries "  # noqa: S608
+            "WHERE destination = ? AND state = ? AND next_attempt <= ? AND (claimed_until IS NULL OR claimed_until < ?) "
+            f"ORDER BY next_attempt, id LIMIT ?) RETURNING {_DELIVERY_COLUMNS}",
+            (token, now + lease_s, destination, DeliveryState.PENDING.value, now, now, limit)).fetchall())
+        return sorted((_delivery(r) for r in rows), key=lambda d: (d.next_attempt, d.id))
 
-        def body(db: sqlite3.Connection) -> list[Delivery]:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM deliveries WHERE destination = ? AND state = ? AND next_attempt <= ? "
-                "AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY next_attempt, id LIMIT ?",
-                (destination, DeliveryState.PENDING.value, now, now, limit))]
-            db.executemany("UPDATE deliveries SET claim = ?, claimed_until = ? WHERE id = ?",
-                           [(token, now + lease_s, i) for i in ids])
-            marks = ",".join("?" * len(ids))
-            rows = db.execute(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id IN ({marks}) "  # noqa: S608
-                              "ORDER BY next_attempt, id", ids).fetchall() if ids else []
-            return [_delivery(r) for r in rows]
-        return self._in_tx("claim deliveries", body)
+    def begin_send(self, delivery: Delivery, lease_s: float) -> bool:
+        """Just before its send: the delivery is still pending and still ours (not superseded, given up or taken
+        over since the batch was claimed); its lease restarts now."""
+        return self._run("start a delivery", lambda db: db.execute(
+            "UPDATE deliveries SET claimed_until = ? WHERE id = ? AND claim = ? AND state = ?",
+            (time.time() + lease_s, delivery.id, delivery.claim, DeliveryState.PENDING.value)).rowcount == 1)
 
     def delivery_done(self, delivery: Delivery, state: DeliveryState, error: str | None = None,
                       warning: str | None = None, next_attempt: float | None = None) -> bool:
@@ -416,8 +433,9 @@ class SqliteJobStore:
             rows = db.execute(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE state = ? AND created < ? "  # noqa: S608
                               "AND (claimed_until IS NULL OR claimed_until < ?)",
                               (DeliveryState.PENDING.value, created_before, time.time())).fetchall()
-            db.executemany("UPDATE deliveries SET state = ?, last_error = COALESCE(last_error || '; ', '') || ? "
-                           "WHERE id = ?", [(DeliveryState.FAILED.value, reason, r["id"]) for r in rows])
+            db.executemany("UPDATE deliveries SET state = ?, claim = NULL, claimed_until = NULL, "
+                           "last_error = COALESCE(last_error || '; ', '') || ? WHERE id = ?",
+                           [(DeliveryState.FAILED.value, reason, r["id"]) for r in rows])
             return [_delivery(r) for r in rows]
         return self._in_tx("give up deliveries", body)
 

@@ -59,12 +59,12 @@ def _public(service: SegmentationService, job: Job) -> JobOut:
 async def _receive_upload(service: SegmentationService, request: JobRequest, http: Request) -> Job:
     """A ``staging`` job first (so a crash while the body streams in leaves a record that recovery fails with the
     reason), then the parts streamed into its input folder, then staging."""
-    job = service.open_job(request)
+    job = await run_in_threadpool(service.open_job, request)  # the store is never used on the event loop
     try:
         await receive_files(http, service.input_dir(job.id), service.settings.zip_max_members)
         return await run_in_threadpool(service.stage_and_enqueue, job)
     except BaseException as err:
-        service.discard(job.id)
+        await run_in_threadpool(service.discard, job.id)
         if storage_full(err):
             raise InsufficientStorage(STORAGE_FULL) from None
         raise
@@ -111,19 +111,20 @@ async def submit(
         job = await run_in_threadpool(service.pull, job_request, pull.source, pull.study_uid, pull.series_uid)
     else:
         job = await _receive_upload(service, job_request, request)
-    location = f"/v1/segmentations/{job.id}"
-    if wait:
-        done = await run_in_threadpool(service.wait, job.id, service.settings.sync_timeout_s)
-        job = service.get(job.id)
-        if done and job.state == JobState.FAILED and job.error_kind == ErrorKind.INPUT:
-            body = InputErrorOut(detail=job.error or "input refused", job=_public(service, job))
-            return JSONResponse(body.model_dump(mode="json"), status_code=422)
-        if done and job.state.finished:
-            code = 200 if job.state == JobState.SUCCEEDED else 500
-            return JSONResponse(_public(service, job).model_dump(mode="json"), status_code=code,
-                                headers={"Location": location})
-    return JSONResponse(_public(service, service.get(job.id)).model_dump(mode="json"), status_code=202,
-                        headers={"Location": location})
+    return await run_in_threadpool(_answer, service, job.id, wait)
+
+
+def _answer(service: SegmentationService, job_id: str, wait: bool) -> JSONResponse:
+    """202 with the job; with ``wait``, the finished job (200, 500, or 422 for a refused input) if it finishes in
+    time."""
+    location = f"/v1/segmentations/{job_id}"
+    done = service.wait(job_id, service.settings.sync_timeout_s) if wait else False
+    job = service.get(job_id)
+    if done and job.state == JobState.FAILED and job.error_kind == ErrorKind.INPUT:
+        body = InputErrorOut(detail=job.error or "input refused", job=_public(service, job))
+        return JSONResponse(body.model_dump(mode="json"), status_code=422)
+    code = (200 if job.state == JobState.SUCCEEDED else 500) if done and job.state.finished else 202
+    return JSONResponse(_public(service, job).model_dump(mode="json"), status_code=code, headers={"Location": location})
 
 
 @router.get("", response_model=JobListOut, summary="Jobs, newest first (whatever brought their input)")
