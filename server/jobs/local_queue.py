@@ -60,15 +60,23 @@ class ThreadWorkers:
         self.executor = JobExecutor(settings, engines, store, files)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="ctseg-job")
         self.on_done = on_done
+        self._waiting: set[str] = set()  # submitted, not started: the sweeper's re-submissions are not piled up
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         for engine in self.engines.values():
             log.info("warmed up %s in %.2f s", engine.bundle.name, engine.warm_up())
 
     def submit(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._waiting:
+                return
+            self._waiting.add(job_id)
         self.pool.submit(self._run, job_id)
 
     def _run(self, job_id: str) -> None:
+        with self._lock:
+            self._waiting.discard(job_id)
         try:
             self.executor.run(job_id)
         finally:
