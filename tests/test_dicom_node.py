@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -111,20 +112,43 @@ def test_a_series_sent_in_two_associations_is_run_whole_and_the_pacs_keeps_one_c
         orthanc.stop()
 
 
-def big_series():
-    image, _ = make_phantom((32, 32, 1500), (2.0, 2.0, 1.0), "axial", seed=2, noise=3.0)
+def long_series():
+    image, _ = make_phantom((32, 32, 300), (2.0, 2.0, 1.0), "axial", seed=2, noise=3.0)
     return series_from_image(image)
+
+
+def kill_inside_staging(server: Serve, database, timeout_s: float = 120.0) -> None:
+    """SIGKILL the service while a received series is being made into a job: its arrival names the job
+    (``staging_job``) and the job is still ``staging``. Confirmed under SQLite's write lock, which the service needs to
+    move the job on, so the kill cannot land a moment too late (an HTTP poll could: staging may end between the
+    answer and the signal)."""
+    deadline = time.monotonic() + timeout_s
+    inside = "SELECT 1 FROM incoming i JOIN jobs j ON j.id = i.staging_job WHERE j.state = 'staging'"
+    while time.monotonic() < deadline:
+        if database.exists():
+            db = sqlite3.connect(database, timeout=30, isolation_level=None)
+            try:
+                db.execute("BEGIN IMMEDIATE")  # while held, the service cannot move a job on
+                if db.execute(inside).fetchone():
+                    server.kill()
+                    return
+                db.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass  # the schema not made yet: look again
+            finally:
+                db.close()
+        time.sleep(0.002)
+    pytest.fail("no received series was seen being staged")
 
 
 def test_killed_while_a_received_series_is_staged_it_is_staged_again_and_run_whole(intensity_bundle, tmp_path):
     server = node(intensity_bundle, tmp_path, None)
-    datasets = big_series()
+    datasets = long_series()
     files = write_files(datasets, tmp_path / "series")
     try:
         server.start()
         storescu(server.dicom_port, files)
-        wait_for(lambda: any(j["state"] == "staging" for j in server.jobs()), 60, 0.005, "staging under way")
-        server.kill()  # acknowledged long ago: the sender will not send it again
+        kill_inside_staging(server, tmp_path / "storage" / "jobs.sqlite3")  # acknowledged long ago: not sent again
         server.start()
         (job,) = wait_for(lambda: (j := server.jobs()) and j, 60, 0.2)
         job = server.wait_finished(job["id"], 300)
