@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from models import logs  # no exception message (a path, a UID, a header value) reaches the log
+
+    logs.install(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module, naming source UIDs
     func = getattr(args, "func", None)
     if func is None:

@@ -14,11 +14,11 @@ client never got an answer), associations that were open count as aborted.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
+from server.core.durable import private_storage
 from server.core.errors import (
     InputError,
     NotFound,
@@ -68,6 +68,7 @@ WAIT_POLL_S = 0.1
 class SegmentationService:
     def __init__(self, settings: Settings, lock: StorageLock | None = None) -> None:
         self.settings = settings
+        private_storage(settings.storage_dir)  # before the stores below make their files
         self.metrics = Metrics()
         # In process mode these engines give the bundles' facts only; the workers open the sessions.
         self.engines = engines_from_settings(settings)
@@ -103,11 +104,6 @@ class SegmentationService:
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        # Uploads, received instances and results hold patient data: readable by the service user only. Set before
-        # the worker processes start, which inherit it.
-        os.umask(0o077)
-        self.settings.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.storage_dir.chmod(0o700)
         if not self.lock.held:
             self.lock.acquire()
         self._open()

@@ -17,6 +17,20 @@ PART = ".part-"  # a temporary name's prefix (the suffix stays, for writers that
 # found with it at start-up is a write that never finished
 
 
+PRIVATE_UMASK = 0o077
+
+
+def private_storage(storage: Path) -> Path:
+    """The storage folder, readable by the service user only, and every file made from here on too: uploads,
+    received instances, results and the databases hold patient data. Called before anything is created in it (the
+    storage lock, the databases, ``incoming/``), and inherited by the worker processes, which start later."""
+    os.umask(PRIVATE_UMASK)
+    storage = Path(storage)
+    storage.mkdir(parents=True, exist_ok=True)
+    storage.chmod(0o700)
+    return storage
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    log_exception_messages: bool = Field(False, description="write exception messages in tracebacks (they can quote "
+                                         "paths, UIDs and header values): for debugging on test data only")
 
     # ---- PACS integration (README "Connecting to your PACS")
     destinations: list[Node] = Field(default_factory=list, description="JSON list of SEG destinations "

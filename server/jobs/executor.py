@@ -109,7 +109,7 @@ class JobExecutor:
             except (InputError, PayloadTooLarge) as err:
                 self.files.remove_run(job_id, claim.attempt)
                 if self.store.fail(claim, ErrorKind.INPUT, str(err)):
-                    log.info("job %s failed on its input: %s", job_id, err)
+                    log.info("job %s failed on its input (%s; the reason is on the job)", job_id, type(err).__name__)
                     self.files.remove_input(job_id)
                 return
             except StoreBusy:

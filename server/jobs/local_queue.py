@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from models.logs import RedactingFormatter
 from server.core.settings import Settings
 from server.inference.engine import Engine, engines_from_settings
 from server.jobs.executor import JobExecutor
@@ -123,7 +124,9 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, parent: int
 
     settings = Settings(**settings_data)
     root = logging.getLogger()
-    root.handlers[:] = [_PipeLogHandler(send)]
+    handler = _PipeLogHandler(send)  # records go to the API process formatted, tracebacks without messages
+    handler.setFormatter(RedactingFormatter("%(message)s", messages=settings.log_exception_messages))
+    root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module, naming source UIDs
     try:

@@ -15,6 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+from server.core.durable import private_storage
+
 LOCK_NAME = "ctseg.lock"
 
 
@@ -28,7 +30,7 @@ class StorageLock:
         self._fd: int | None = None
 
     def acquire(self) -> StorageLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_storage(self.path.parent)  # the first file a service makes in the folder
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
