@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    # ---- several machines (README "Running on several machines"; server/core/blobs.py)
+    blob_url: str | None = Field(None, description="where job files live: unset, the storage folder; "
+                                 "file:///shared/path (a volume every machine mounts there) or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph) for an s3:// "
+                                        "CTSEG_BLOB_URL; credentials from the usual AWS variables, never from here")
     log_exception_messages: bool = Field(False, description="write exception messages in tracebacks (they can quote "
                                          "paths, UIDs and header values): for debugging on test data only")
 
