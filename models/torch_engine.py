@@ -19,6 +19,7 @@ Imports torch: the default server never imports this module (``CTSEG_ENGINE=torc
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,19 +46,20 @@ def torch_device(preference: str) -> torch.device:
 class TorchScriptBackend(Backend):
     """Batches of windows through ``model.ts``; and :meth:`sliding_window`, the whole volume on the device."""
 
-    def __init__(self, bundle: Bundle, choice: Choice, threads: int, batch_size: int, device: str = "auto") -> None:
+    def __init__(self, bundle: Bundle | Path, choice: Choice, threads: int, batch_size: int,
+                 device: str = "auto") -> None:
+        """``bundle``: a bundle, or a TorchScript file itself (the benchmarks' models that no bundle holds)."""
         self.choice = choice
         self.device = torch_device(device)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
-        path = bundle.torchscript_path
+        path, name = (bundle, bundle.name) if isinstance(bundle, Path) else (bundle.torchscript_path, bundle.name)
         if not path.is_file():
-            raise BundleError(f"bundle {bundle.name!r} has no model.ts: the torchscript engine serves TorchScript")
+            raise BundleError(f"bundle {name!r} has no model.ts: the torchscript engine serves TorchScript")
         try:
             self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as err:
-            raise BundleError(f"bundle {bundle.name!r}: model.ts could not be loaded by torch "
-                              f"({type(err).__name__})") from None
+            raise BundleError(f"bundle {name!r}: model.ts could not be loaded by torch ({type(err).__name__})") from None
         self.batch_size = batch_size
         self.autocast = AUTOCAST.get(choice.precision)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
