@@ -64,21 +64,6 @@ def parity(model: ViTSegmenter, bundle_dir: Path, windows: int = 2, seed: int | 
     return {"windows": windows, "onnxruntime": figures(onnx_out), "torchscript": figures(ts)}
 
 
-def record_precision_checks(bundle_dir: Path, ct_path: Path) -> dict[str, Any]:
-    """Run the lower-precision parity check (inflation/precision_check.py) on ``ct_path`` and write its figures
-    into the bundle's manifest (checksums re-verified before and after)."""
-    from inflation.precision_check import check_precisions
-
-    bundle = load_bundle(bundle_dir)
-    checks = check_precisions(bundle, Path(ct_path))
-    manifest = dict(bundle.manifest)
-    manifest["precisions"] = {p.value: c.to_dict() for p, c in checks.items()}
-    manifest["files"] = dict.fromkeys(manifest["files"], "")
-    write_manifest(bundle_dir, manifest)
-    load_bundle(bundle_dir)
-    return manifest
-
-
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None, version: str | None = None,
                   tolerance: float = 1e-3, parity_ct: str | Path | None = None) -> dict[str, Any]:
     model, payload = load_checkpoint(checkpoint)
@@ -126,7 +111,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     write_manifest(tmp, manifest)
     load_bundle(tmp)  # the loader the service uses must accept it
     if parity_ct is not None:
-        manifest = record_precision_checks(tmp, Path(parity_ct))
+        from inflation.precision_check import record_precision_checks
+
+        record_precision_checks(tmp, Path(parity_ct))
+        manifest = load_bundle(tmp).manifest
     else:
         log.warning("no real CT given (--parity-ct): lower precisions are not checked, and the service will serve "
                     "this bundle in fp32 unless told otherwise")

@@ -15,6 +15,7 @@ logs it and serves on the CPU. ``CTSEG_ENGINE=cuda`` or ``tensorrt`` is a demand
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -24,23 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import Bundle, BundleError
-from models.precision import Precision, PrecisionCheck
+from models.precision import EngineKind, Precision, PrecisionRecords
 
 log = logging.getLogger(__name__)
 
 CUDA_EP = "CUDAExecutionProvider"
 TENSORRT_EP = "TensorrtExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
-
-
-class EngineKind(str, Enum):
-    """``auto``: CUDA where onnxruntime-gpu sees a GPU, else OpenVINO where installed, else ONNX Runtime on CPU."""
-
-    AUTO = "auto"
-    ONNXRUNTIME = "onnxruntime"  # CPU
-    OPENVINO = "openvino"  # CPU
-    CUDA = "cuda"  # ONNX Runtime, CUDA execution provider
-    TENSORRT = "tensorrt"  # ONNX Runtime, TensorRT execution provider (CUDA for what TensorRT does not take)
 
 
 class DevicePreference(str, Enum):
@@ -81,13 +72,45 @@ class Hardware:
         return Hardware(tuple(ort.get_available_providers()), version, caps)
 
 
-# precisions each engine can run, given the hardware
+def torch_installed() -> bool:
+    """Whether PyTorch could be imported, without importing it (the default server never does)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or deliberately blocked install
+        return False
+
+
+@functools.cache
+def torch_cuda() -> bool:
+    """Whether torch sees a GPU. Imports torch: asked only for the torchscript engine (named, or CTSEG_DEVICE=cuda
+    without onnxruntime's CUDA provider)."""
+    if not torch_installed():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def available_engines(hw: Hardware) -> tuple[EngineKind, ...]:
+    """The engines this machine can run (what ``ctseg check-precision`` measures)."""
+    present = [EngineKind.ONNXRUNTIME]
+    present += [EngineKind.OPENVINO] if hw.openvino_version else []
+    present += [EngineKind.CUDA] if CUDA_EP in hw.ort_providers else []
+    present += [EngineKind.TENSORRT] if TENSORRT_EP in hw.ort_providers else []
+    present += [EngineKind.TORCHSCRIPT] if torch_installed() else []
+    return tuple(present)
+
+
 def supported_precisions(kind: EngineKind, hw: Hardware) -> tuple[Precision, ...]:
+    """The precisions ``kind`` can run on this hardware, fp32 first: the one place that decides what is possible
+    (the chooser, the parity check and the tests all ask it)."""
     if kind == EngineKind.OPENVINO:
         lower = [p for p, cap in ((Precision.BF16, "BF16"), (Precision.FP16, "FP16")) if cap in hw.openvino_cpu_caps]
         return (Precision.FP32, *lower)
     if kind in (EngineKind.CUDA, EngineKind.TENSORRT):
         return Precision.FP32, Precision.FP16
+    if kind == EngineKind.TORCHSCRIPT and torch_cuda():
+        return Precision.FP32, Precision.BF16, Precision.FP16  # autocast on the GPU (the CPU's lower path: OpenVINO)
     return (Precision.FP32,)
 
 
@@ -98,18 +121,21 @@ class Choice:
     engine: EngineKind
     precision: Precision
     reason: str
+    on_gpu: bool = False  # the torchscript engine's device (the ONNX Runtime engines' is their provider)
 
     @property
     def device(self) -> str:
-        return "cuda" if self.engine in (EngineKind.CUDA, EngineKind.TENSORRT) else "cpu"
+        return "cuda" if self.engine in (EngineKind.CUDA, EngineKind.TENSORRT) or self.on_gpu else "cpu"
 
     def describe(self) -> str:
         return f"{self.engine.value} {self.device} {self.precision.value}"
 
 
 def choose(engine: EngineKind | str, precision: Precision | str, device: DevicePreference | str,
-           checks: dict[Precision, PrecisionCheck], hw: Hardware | None = None) -> Choice:
-    """Pick the engine and precision for one bundle; raises :class:`EngineUnavailable` for a named one absent here."""
+           checks: PrecisionRecords, hw: Hardware | None = None) -> Choice:
+    """Pick the engine and precision for one bundle; raises :class:`EngineUnavailable` for a named one absent here.
+
+    ``auto`` lowers precision only where the bundle's record of that exact (engine, precision) passed."""
     engine, precision, device = EngineKind(engine), Precision(precision), DevicePreference(device)
     hw = hw or Hardware.probe()
     if engine in (EngineKind.CUDA, EngineKind.TENSORRT):
@@ -123,33 +149,47 @@ def choose(engine: EngineKind | str, precision: Precision | str, device: DeviceP
                 + (" and TensorRT" if engine == EngineKind.TENSORRT else ""))
     if engine == EngineKind.OPENVINO and hw.openvino_version is None:
         raise EngineUnavailable("CTSEG_ENGINE=openvino: the openvino package is not installed")
+    if engine == EngineKind.TORCHSCRIPT and not torch_installed():
+        raise EngineUnavailable("CTSEG_ENGINE=torchscript: PyTorch is not installed (pip install 'ctseg[torchscript]')")
     if engine == EngineKind.AUTO:
         if device != DevicePreference.CPU and hw.cuda:
             engine = EngineKind.CUDA
+        elif device == DevicePreference.CUDA and torch_cuda():
+            engine = EngineKind.TORCHSCRIPT  # a GPU that torch sees but onnxruntime does not (no onnxruntime-gpu)
         else:
             if device == DevicePreference.CUDA:
                 log.warning("CUDA was asked for (CTSEG_DEVICE=cuda) but onnxruntime has no CUDA provider here "
                             "(install the 'gpu' extra on a machine with CUDA); serving on the CPU")
             engine = EngineKind.OPENVINO if hw.openvino_version else EngineKind.ONNXRUNTIME
-    supported = supported_precisions(engine, hw)
+    on_gpu = engine == EngineKind.TORCHSCRIPT and device != DevicePreference.CPU and torch_cuda()
+    supported = supported_precisions(engine, hw) if engine != EngineKind.TORCHSCRIPT or on_gpu else (Precision.FP32,)
     if precision != Precision.AUTO:
         if precision not in supported:
             raise EngineUnavailable(
                 f"CTSEG_PRECISION={precision.value} is not available with engine {engine.value} on this machine "
                 f"(available: {', '.join(p.value for p in supported)})")
-        check = checks.get(precision)
+        check = checks.get((engine, precision))
         if precision != Precision.FP32 and not (check and check.passed):
-            log.warning("precision %s asked for by name although the bundle's parity check %s", precision.value,
-                        "failed" if check else "never measured it")
-        return Choice(engine, precision, "asked for")
+            log.warning("precision %s asked for by name on %s, which the bundle's records do not vouch for: %s",
+                        precision.value, engine.value, _not_passed(checks, engine, precision))
+        return Choice(engine, precision, "asked for", on_gpu)
     for lower in supported[1:]:
-        check = checks.get(lower)
+        check = checks.get((engine, lower))
         if check and check.passed:
-            return Choice(engine, lower, f"{lower.value} passed the bundle's parity check (argmax agreement "
-                                         f"{check.argmax_agreement:.4%}, min class Dice {check.min_class_dice})")
-    why = "; ".join(f"{p.value}: " + ("failed the parity check" if checks.get(p) else "not checked at export")
-                    for p in supported[1:]) or f"{engine.value} runs fp32 only"
-    return Choice(engine, Precision.FP32, why)
+            return Choice(engine, lower, f"{lower.value} passed the bundle's parity check on {engine.value} "
+                                         f"({check.runtime}: argmax agreement {check.argmax_agreement:.4%}, "
+                                         f"min class Dice {check.min_class_dice})", on_gpu)
+    why = "; ".join(f"{p.value}: {_not_passed(checks, engine, p)}" for p in supported[1:])
+    return Choice(engine, Precision.FP32, why or f"{engine.value} runs fp32 only here", on_gpu)
+
+
+def _not_passed(checks: PrecisionRecords, engine: EngineKind, precision: Precision) -> str:
+    """Why (engine, precision) is not trusted, naming the engines whose records do not count for it."""
+    if (engine, precision) in checks:
+        return f"failed the parity check on {engine.value}"
+    elsewhere = sorted(e.value for e, p in checks if p == precision)
+    return (f"never checked on {engine.value}" + (f" (only on {', '.join(elsewhere)}, which does not count for it)"
+                                                  if elsewhere else "") + "; run 'ctseg check-precision' here")
 
 
 class Backend(ABC):
@@ -157,6 +197,7 @@ class Backend(ABC):
     next call (the sliding window consumes them at once)."""
 
     choice: Choice
+    runtime: str  # what runs the windows, with its version: what a parity record made with this backend names
 
     @abstractmethod
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
@@ -193,6 +234,7 @@ class OrtBackend(Backend):
         active = self.session.get_providers()
         if choice.device == "cuda" and CUDA_EP not in active:
             raise EngineUnavailable(f"{choice.engine.value}: the session opened without CUDA (providers {active})")
+        self.runtime = f"onnxruntime {ort.__version__} {active[0]} {choice.precision.value}"
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.device_type = "cuda" if choice.device == "cuda" else "cpu"
@@ -226,7 +268,7 @@ class OrtBackend(Backend):
 def float16_graph(onnx_path: Path) -> bytes:
     """The bundle's graph with fp16 weights and arithmetic, fp32 at its input and output (so the windows and the
     logits keep their dtype). Built in memory with onnxruntime's own converter: the bundle stays one ONNX file. The
-    export-time parity check (inflation/export.py) runs exactly this graph."""
+    parity check (inflation/precision_check.py) runs it through the CUDA engine itself, never as a proxy for another."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -251,6 +293,7 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_NUM_THREADS"] = str(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self.runtime = f"openvino {ov.__version__} CPU {hint}"
         self.batch_size = batch_size
         self._padded = np.zeros((batch_size, cfg.in_chans, *cfg.img_size), dtype=np.float32)
         log.info("model %s %s: %s (OpenVINO %s, static batch %d)", bundle.name, bundle.version, choice.describe(),
@@ -274,6 +317,10 @@ def open_backend(bundle: Bundle, choice: Choice, threads: int, batch_size: int,
     try:
         if choice.engine == EngineKind.OPENVINO:
             return OpenVinoBackend(bundle, choice, threads, batch_size)
+        if choice.engine == EngineKind.TORCHSCRIPT:
+            from models.torch_engine import TorchScriptBackend  # torch: only for this engine
+
+            return TorchScriptBackend(bundle, choice, threads, batch_size, "cuda" if choice.on_gpu else "cpu")
         return OrtBackend(bundle, choice, threads, trt_cache_dir)
     except EngineUnavailable:
         raise

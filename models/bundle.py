@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig
 from models.labels import Label
-from models.precision import Precision, PrecisionCheck, parse_checks
+from models.precision import PrecisionRecords, parse_checks
 from models.preprocess import PreprocessSpec
 
 MANIFEST = "ctseg.json"
@@ -47,7 +48,7 @@ class Bundle:
     labels: tuple[Label, ...]
     files: dict[str, str]
     manifest: dict[str, Any] = field(repr=False)
-    precisions: dict[Precision, PrecisionCheck] = field(default_factory=dict)  # export's parity checks
+    precisions: PrecisionRecords = field(default_factory=dict)  # parity checks, by (engine, precision)
 
     @property
     def onnx_path(self) -> Path:
@@ -66,12 +67,15 @@ class Bundle:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
-    """Fill in ``files`` (sha256 of every listed file) and write ``ctseg.json``."""
+    """Fill in ``files`` (sha256 of every listed file) and write ``ctseg.json``: whole or not at all (a temporary
+    file renamed over it), since ``ctseg check-precision`` rewrites the manifest of a bundle a service may read."""
     manifest = dict(manifest)
     manifest["format"] = FORMAT
     manifest["files"] = {name: sha256_of(directory / name) for name in manifest.get("files", {})}
     path = directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -79,3 +79,19 @@ def test_a_bundle_without_torchscript_is_refused_by_name(tmp_path, intensity_bun
     bundle = load_bundle(intensity_bundle)
     with pytest.raises(BundleError, match="no model.ts"):
         TorchScriptBackend(bundle, Choice(EngineKind.ONNXRUNTIME, Precision.FP32, "test"), 1, 2, device="cpu")
+
+
+def test_ctseg_engine_torchscript_serves_the_bundle_through_the_engine(prepared):
+    """``CTSEG_ENGINE=torchscript``: chosen by name, fp32 on a CPU (its lower precisions need a GPU and a record of
+    this engine), the same label map as ONNX Runtime through the whole Engine (preprocess, window, inverse)."""
+    reference_engine, _, _ = prepared
+    image = sitk.ReadImage(str(FIXTURE_CT))
+    x, y = image.GetSize()[0] // 2, image.GetSize()[1] // 2
+    volume = Volume.from_sitk(image[x - 70:x + 70, y - 60:y + 60, 0:6])
+    engine = Engine(reference_engine.bundle, engine="torchscript", device="cpu", precision="auto", threads=2)
+    assert engine.choice.engine == EngineKind.TORCHSCRIPT and engine.choice.precision == Precision.FP32
+    assert engine.device == "cpu" and "torch" in engine.backend.runtime
+    ours = engine.segment(volume).array
+    theirs = reference_engine.segment(volume).array
+    assert ours.shape == theirs.shape
+    assert float((ours == theirs).mean()) >= 0.995

@@ -27,10 +27,10 @@ class Settings(BaseSettings):
     device: DevicePreference = Field(DevicePreference.AUTO, description="cuda: use a GPU where there is one, else "
                                      "log it and serve on the CPU; cpu: never a GPU")
     engine: EngineKind = Field(EngineKind.AUTO, description="inference backend (auto: cuda where onnxruntime-gpu "
-                               "sees a GPU, else openvino, else onnxruntime); a named one that cannot run here stops "
-                               "the start-up")
-    precision: Precision = Field(Precision.AUTO, description="auto: the lowest precision the bundle's export-time "
-                                 "parity check passed for the engine (bf16 on a CPU with BF16, fp16 on CUDA), else fp32")
+                               "sees a GPU, else torchscript where CTSEG_DEVICE=cuda and only torch sees one, else "
+                               "openvino, else onnxruntime); a named one that cannot run here stops the start-up")
+    precision: Precision = Field(Precision.AUTO, description="auto: the lowest precision whose parity record of "
+                                 "this exact engine passed (ctseg export --parity-ct, ctseg check-precision), else fp32")
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default: <storage_dir>/tensorrt)")
     ort_threads: int = Field(0, ge=0, description="inference threads, ONNX Runtime or OpenVINO (0: one per core)")
     sw_overlap: float = Field(0.25, ge=0, lt=1)

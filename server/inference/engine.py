@@ -92,7 +92,11 @@ class Engine:
         prepared = self.preprocessor.forward(volume.to_sitk(), with_body=self.skip_outside_body)
         timings.add("preprocess", time.perf_counter() - t)
         t = time.perf_counter()
-        labels = self.window(prepared.array, self.predict_windows, progress, body=prepared.body)
+        backend = self.backend
+        if hasattr(backend, "sliding_window"):  # the torchscript engine keeps the whole window on its device
+            labels = backend.sliding_window(self.window, prepared.array, progress, body=prepared.body)
+        else:
+            labels = self.window(prepared.array, self.predict_windows, progress, body=prepared.body)
         timings.add("inference", time.perf_counter() - t)
         t = time.perf_counter()
         out = self.preprocessor.inverse(labels, prepared)
