@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError) as err:
         log.error("%s", err)
         return 2
+    # uvicorn's access log prints the path with its query string (``?series_uid=``): the app writes its own
+    # (server/app.py RequestObserver), by route template.
+    logging.getLogger("ctseg.access").setLevel(settings.log_level.upper())
     uvicorn.run(create_app(settings, lock=lock), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), access_log=False)
     return 0

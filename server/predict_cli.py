@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
         name = item.name.split(".")[0] or "input"
         with tempfile.TemporaryDirectory() as scratch:
             try:
-                chosen = select_input(_expand(item, Path(scratch)), args.series_uid, {engine.bundle.modality})
+                chosen = select_input(_expand(item, Path(scratch)), args.series_uid, {engine.bundle.modality},
+                                      bounds=settings.dicom_bounds())
                 spec = JobSpec(engine.bundle.name, outputs, chosen.series_uid, (), DestinationChoice.DEFAULT,
                                Origin(OriginKind.UPLOAD))
                 fitting, _, notes = settle_outputs(chosen.kind, spec, strict=False)
                 result = run_pipeline(engine, chosen.kind, chosen.files, args.out / name, fitting, chosen.series_uid,
                                       settings.seg_options(),
-                                      ProgressBar(name), chosen.display_name)
+                                      ProgressBar(name), chosen.display_name, bounds=settings.dicom_bounds())
             except (InputError, PayloadTooLarge) as err:
                 log.error("%s: %s", item, err)
                 failures += 1

@@ -28,6 +28,7 @@ from server.core.errors import (
 )
 from server.core.metrics import Metrics
 from server.core.nodes import DimseNode, Route
+from server.core.options import PhaseChoice
 from server.core.settings import Settings
 from server.core.sqlite import StoreBusy
 from server.core.vocabulary import (
@@ -83,6 +84,9 @@ class SegmentationService:
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._waiting_series: set[str] = set()  # received series that wait for room in the queue
+        # Jobs are made in this process only (uploads, pulls, received series; one service per storage folder), so
+        # one lock makes the queue limit's check and the job's creation atomic.
+        self._admitting = threading.Lock()
         self._last_sweep = self._in_touch_since = time.time()
 
     def _open(self) -> None:
@@ -253,8 +257,10 @@ class SegmentationService:
             raise NotFound(f"unknown model {key!r}; available: {', '.join(sorted(self.engines))}")
         return self.engines[key]
 
-    def _spec(self, request: JobRequest) -> JobSpec:
-        """The model and destinations a request resolves to (the rule is README's 'which SEGs go where')."""
+    def _spec(self, request: JobRequest, sender: str | None = None) -> JobSpec:
+        """The model and destinations a request resolves to (the rule is README's 'which SEGs go where').
+        ``sender``: the DIMSE destination a received series verifiably came from (AE title and address, checked by
+        the listener); a calling AE title alone never sends a SEG anywhere."""
         engine = self.engine(request.model)
         known = {d.name for d in self.settings.destinations}
         choice, destinations = DestinationChoice.DEFAULT, list(self.settings.default_destinations)
@@ -264,22 +270,20 @@ class SegmentationService:
                 raise InputError(f"unknown destination(s) {', '.join(map(repr, unknown))}; configured: "
                                  f"{', '.join(sorted(known)) or 'none (CTSEG_DESTINATIONS)'}")
             choice, destinations = DestinationChoice.NAMED, list(dict.fromkeys(request.destinations))
-        elif request.origin.kind == OriginKind.DIMSE:  # back to the sender when it is a destination
-            sender = [d.name for d in self.settings.destinations
-                      if isinstance(d, DimseNode) and d.ae_title == request.origin.calling_ae_title]
-            if sender:
-                choice, destinations = DestinationChoice.SENDER, sender[:1]
+        elif request.origin.kind == OriginKind.DIMSE and sender is not None:  # back to the sender
+            choice, destinations = DestinationChoice.SENDER, [sender]
         return JobSpec(engine.bundle.name, request.outputs, request.series_uid, tuple(destinations), choice,
-                       request.origin)
+                       request.origin, request.phase)
 
-    def open_job(self, request: JobRequest, supersedes: str | None = None) -> Job:
+    def open_job(self, request: JobRequest, supersedes: str | None = None, sender: str | None = None) -> Job:
         """A ``staging`` job whose input folder the caller fills; then :meth:`stage_and_enqueue`."""
-        spec = self._spec(request)
+        spec = self._spec(request, sender)
         if self.queue.start_error:
             raise ServiceUnavailable(f"no worker can run jobs ({self.queue.start_error}); see the service log")
-        if self.store.active() >= self.settings.max_queue:
-            raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
-        job = self.store.create(spec, supersedes)
+        with self._admitting:  # the count and the new record as one step: parallel requests never pass the limit
+            if self.store.active() >= self.settings.max_queue:
+                raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
+            job = self.store.create(spec, supersedes)
         self.files.make_input_dir(job.id)
         return job
 
@@ -289,10 +293,10 @@ class SegmentationService:
     def _stage(self, job: Job) -> tuple[JobSpec, list[str], StagedInput]:
         engine = self.engine(job.model)
         staged = stage(self.files.input_dir(job.id), job.origin, job.spec.series_uid, {engine.bundle.modality},
-                       self.settings.zip_limits())
+                       self.settings.zip_limits(), job.spec.phase, self.settings.dicom_bounds())
         outputs, destinations, notes = settle_outputs(staged.kind, job.spec)
         spec = JobSpec(job.spec.model, outputs, job.spec.series_uid, destinations, job.spec.destination_choice,
-                       job.spec.origin)
+                       job.spec.origin, job.spec.phase)
         return spec, notes, staged
 
     def stage_and_enqueue(self, job: Job) -> Job:
@@ -353,9 +357,10 @@ class SegmentationService:
             return
         origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
         request = JobRequest(route.model, (Output.DICOM_SEG,), series.series_uid, origin,
-                             tuple(route.destinations) if route.destinations is not None else None)
+                             tuple(route.destinations) if route.destinations is not None else None,
+                             PhaseChoice(route.phase) if route.phase is not None else None)
         try:
-            job = self.open_job(request, supersedes=series.job_id)
+            job = self.open_job(request, supersedes=series.job_id, sender=series.sender)
         except ServiceUnavailable as err:  # full queue or no worker: the series waits and is tried again
             if series.series_uid not in self._waiting_series:  # one line per series, not one per round
                 self._waiting_series.add(series.series_uid)
@@ -383,6 +388,7 @@ class SegmentationService:
                 arrivals.routed(series.series_uid, job.id)
                 return
             self._supersede(job, notes)
+            notes += self._unverified_sender(series)
             self._enqueue(job, staged, spec, notes)
         except Exception:
             log.exception("job %s: a received series could not be made into a job; it is tried again", job.id)
@@ -392,6 +398,17 @@ class SegmentationService:
         arrivals.routed(series.series_uid, job.id)
         log.info("job %s queued: %s series of %d slice(s) received from %s%s", job.id, series.modality,
                  series.frames, series.calling_ae_title, f", superseding job {job.supersedes}" if job.supersedes else "")
+
+    def _unverified_sender(self, series: ArrivedSeries) -> list[str]:
+        """A note when the series came with a DIMSE destination's AE title but not from its address."""
+        claimed = [d.name for d in self.settings.destinations
+                   if isinstance(d, DimseNode) and d.ae_title == series.calling_ae_title]
+        if not claimed or series.sender is not None:
+            return []
+        names = ", ".join(map(repr, claimed))
+        note = (f"no SEG back to the sender: the calling AE title {series.calling_ae_title} is destination {names}'s, "
+                "but the association did not come from its address")
+        return [note]
 
     def _supersede(self, job: Job, notes: list[str]) -> None:
         if job.supersedes is None:
@@ -467,10 +484,13 @@ class SegmentationService:
     def readiness(self) -> tuple[bool, str]:
         queue = getattr(self, "queue", None)
         ready = self.ready and queue is not None and queue.healthy and all(e.ready for e in self.engines.values())
+        degraded = getattr(queue, "degraded", None)  # the workers' restart breaker open or half-open
         if ready:
-            return True, "ready"
+            return True, f"degraded: {degraded}" if degraded else "ready"
         if queue is not None and queue.start_error:
-            return False, f"no worker: {queue.start_error}"
+            return False, f"no worker (degraded, recovers by itself): {queue.start_error}"
+        if degraded and self.ready:
+            return False, f"degraded: {degraded}"
         return False, "starting"
 
     def metrics_text(self) -> bytes:

@@ -108,9 +108,9 @@ def test_missing_slice_duplicate_positions_and_gantry_tilt_are_422(client):
     tilted = series_from_image(image)
     for k, ds in enumerate(tilted):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y + k * 2.5 * np.tan(np.radians(15)), z]
+        ds.ImagePositionPatient = [x, y + k * 2.5 * np.tan(np.radians(50)), z]  # beyond any gantry (15 degrees is run)
     r = post(client, dicom_files(tilted))
-    assert r.status_code == 422 and "gantry tilt of 15.0 degrees" in r.json()["detail"]
+    assert r.status_code == 422 and "gantry tilt of 50.0 degrees" in r.json()["detail"]
 
 
 def test_api_keys(intensity_bundle, tmp_path):

@@ -94,7 +94,7 @@ def gantry_tilt() -> Files:
     datasets = series()
     for k, ds in enumerate(datasets):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y + k * 2.5 * np.tan(np.radians(15)), z]
+        ds.ImagePositionPatient = [x, y + k * 2.5 * np.tan(np.radians(50)), z]  # beyond any gantry (15 degrees is run)
     return files_of(datasets)
 
 
@@ -224,7 +224,7 @@ REFUSED: dict[str, tuple[Callable[[], Files], int, str]] = {
     "missing slice": (lambda: files_of((s := series())[:10] + s[11:]), 422, "1 slice(s) missing"),
     "duplicate positions": (duplicate_positions, 422, "occur more than once"),
     "mixed orientation": (mixed_orientation, 422, "different ImageOrientationPatient"),
-    "gantry tilt": (gantry_tilt, 422, "gantry tilt of 15.0 degrees"),
+    "gantry tilt beyond any gantry": (gantry_tilt, 422, "gantry tilt of 50.0 degrees"),
     "one slice": (lambda: files_of(series()[:1]), 422, "a single slice is not a volume"),
     "mismatched Rows/Columns": (mismatched_rows, 422, "slices have different sizes"),
     "huge header values": (huge_header_values, 422, "pixel data is shorter than its header says"),

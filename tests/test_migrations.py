@@ -79,7 +79,7 @@ def test_a_first_release_database_is_migrated_and_carries_on(tmp_path):
     assert arrivals.link_into("1.2.3", tmp_path / "linked") == 2  # its files are the series' instances
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as check:
         versions = dict(check.execute("SELECT component, version FROM schema_migrations"))
-    assert versions == {"jobs": 2, "arrivals": 2}
+    assert versions == {"jobs": 2, "arrivals": 3}
     store.close()
     SqliteJobStore(tmp_path).close()  # opening again applies nothing
 

@@ -5,13 +5,19 @@ Why not ``request.form()``: Starlette keeps each uploaded file part in memory up
 the request ends (a 10,000-file upload is 10,000 open descriptors), then the route copies them again. Here each
 part is written as it arrives, in the chunks the server receives, to its final place; one file is open at a time,
 and the API process holds a bounded amount per request whatever the upload (the parser's buffer and a chunk).
+
+The parser (and so every file open and write) runs in a worker thread, one chunk at a time: a slow disk never
+stalls the event loop that serves the other requests. The folder is asked for when the first file part begins, so
+a request that never sends a file never opens a job (nor takes a queue slot).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from server.core.archives import stored_name
@@ -21,8 +27,9 @@ FIELD = "files"
 
 
 class _Receiver:
-    def __init__(self, inbox: Path, max_files: int) -> None:
-        self.inbox, self.max_files = inbox, max_files
+    def __init__(self, open_inbox: Callable[[], Path], max_files: int) -> None:
+        self.open_inbox, self.max_files = open_inbox, max_files
+        self.inbox: Path | None = None
         self.headers: dict[bytes, bytes] = {}
         self.field = self.value = b""
         self.out = None  # the open file of the current part, if it is a file of FIELD
@@ -50,6 +57,8 @@ class _Receiver:
             return  # other form fields are ignored (parameters are query parameters)
         if len(self.names) >= self.max_files:
             raise InputError(f"more than {self.max_files} files in one upload (CTSEG_ZIP_MAX_MEMBERS); send a zip")
+        if self.inbox is None:
+            self.inbox = self.open_inbox()
         stored = stored_name(len(self.names), filename.decode("utf-8", "replace"), width=5)
         self.names.append(stored)
         self.out = open(self.inbox / stored, "wb")  # noqa: SIM115 - closed at the part's end
@@ -69,13 +78,14 @@ class _Receiver:
             self.out = None
 
 
-async def receive_files(request: Request, inbox: Path, max_files: int) -> list[str]:
-    """Write the request's ``files`` parts into ``inbox``; returns their stored names (in order)."""
+async def receive_files(request: Request, open_inbox: Callable[[], Path], max_files: int) -> list[str]:
+    """Write the request's ``files`` parts into the folder ``open_inbox`` gives (called once, in a worker thread,
+    when the first file part begins); returns their stored names (in order)."""
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise InputError("send the files as multipart/form-data (field 'files'), or a JSON pull request")
-    receiver = _Receiver(inbox, max_files)
+    receiver = _Receiver(open_inbox, max_files)
     callbacks = {name: getattr(receiver, name) for name in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_part_end")}
@@ -83,8 +93,8 @@ async def receive_files(request: Request, inbox: Path, max_files: int) -> list[s
     try:
         async for chunk in request.stream():
             if chunk:
-                parser.write(chunk)
-        parser.finalize()
+                await run_in_threadpool(parser.write, chunk)
+        await run_in_threadpool(parser.finalize)
     except InputError:
         raise
     except Exception as err:  # python-multipart's parse errors

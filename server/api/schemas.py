@@ -31,6 +31,7 @@ class InputOut(BaseModel):
     series_uid: str | None = Field(None, description="DICOM: the series chosen at staging")
     description: str | None = Field(None, description="what was chosen, e.g. 'CT series of 300 slices'")
     files: int = Field(0, description="files of the chosen input")
+    phase: str | None = Field(None, description="the acquisition (phase) asked for: first, last or its number")
 
 
 class ProgressOut(BaseModel):
@@ -98,6 +99,7 @@ def job_out(job: Job, deliveries: list[Delivery]) -> JobOut:
             kind=job.input_kind, series_uid=staged.series_uid if staged else job.spec.series_uid,
             origin=OriginOut(kind=origin.kind, calling_ae_title=origin.calling_ae_title, source=origin.source),
             description=staged.display_name if staged else None, files=len(staged.files) if staged else 0,
+            phase=str(job.spec.phase) if job.spec.phase is not None else None,
         ),
         outputs_requested=list(job.spec.outputs), destinations=list(job.spec.destinations),
         destination_choice=job.spec.destination_choice, created=job.created, updated=job.updated,

@@ -1,4 +1,7 @@
-"""Prometheus metrics, one registry per app (so several apps in one process never collide)."""
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+Every label value comes from a fixed set (a series per value lives until the process ends): an HTTP method from
+``METHODS`` or "other", a route template (never the raw path) or "unmatched", a status class like "2xx"."""
 
 from __future__ import annotations
 
@@ -14,11 +17,23 @@ from prometheus_client import (
 
 from server.core.vocabulary import DeliveryState
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"  # no route took the request (404, or refused before routing)
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("ctseg_requests_total", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.requests = Counter("ctseg_requests_total", "HTTP requests by method, route template and status class",
+                                ["method", "route", "status"], registry=r)
         self.latency = Histogram("ctseg_request_seconds", "HTTP request latency", ["method", "route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.inference_seconds = Histogram("ctseg_job_seconds", "Job processing time (decode to write)", registry=r,
@@ -45,6 +60,12 @@ class Metrics:
                                     "expired, worker stopped, service restarted)", ["reason"], registry=r)
         self.destination_up = Gauge("ctseg_destination_up", "1 while a destination answers, 0 while its circuit "
                                     "breaker holds its deliveries back", ["destination"], registry=r)
+
+    def observe_request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """``route``: the matched route's template (None: no route matched)."""
+        method, route = method_label(method), route or UNMATCHED
+        self.requests.labels(method, route, status_class(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
 
     def render(self, job_counts: dict[str, int], outbox: tuple[dict[tuple[str, str], int], float | None]) -> bytes:
         """The registry, with the gauges read from the store now (``counts()`` and ``outbox_stats()``)."""

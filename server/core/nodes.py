@@ -7,7 +7,9 @@ the settings load, so a typo is a start-up error naming the field, not a deliver
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -19,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.core.options import PhaseChoice
 from server.core.vocabulary import NodeKind
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -87,6 +90,28 @@ class DimseNode(_Node):
 Node = Annotated[DicomWebNode | DimseNode, Field(discriminator="kind")]
 
 
+def normal_address(text: str) -> str:
+    """One spelling per IP address: a peer seen by a dual-stack listener as ``::ffff:10.0.0.5`` is ``10.0.0.5``,
+    and a scope (``%eth0``) is dropped; text that is no IP address is returned as it is."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def resolve_addresses(host: str) -> frozenset[str]:
+    """The IP addresses ``host`` names (an IP address names itself; a host name every address DNS gives), so a peer
+    is compared by address, never by the name it could claim; empty when the name does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset(normal_address(str(info[4][0])) for info in infos)
+
+
 class Route(BaseModel):
     """Which received series run, on which model, and where their SEG goes. The first matching route wins."""
 
@@ -98,6 +123,9 @@ class Route(BaseModel):
     model: str | None = Field(None, description="bundle name (default: the service's default model)")
     destinations: list[str] | None = Field(None, description="destination names (default: the sender if it is a "
                                                              "destination, else CTSEG_DEFAULT_DESTINATIONS)")
+    phase: str | None = Field(None, description="series holding several acquisitions (phases): which one to run, "
+                                                "'first', 'last' or its number (default: none; such a series fails "
+                                                "with the phases listed)")
 
     @field_validator("series_description")
     @classmethod
@@ -108,6 +136,11 @@ class Route(BaseModel):
             except re.error as err:
                 raise ValueError(f"series_description is not a valid regular expression ({err}): {value!r}") from None
         return value
+
+    @field_validator("phase")
+    @classmethod
+    def _phase(cls, value: str | None) -> str | None:
+        return None if value is None else str(PhaseChoice(value))
 
     def matches(self, modality: str, description: str, slices: int) -> bool:
         return (modality.upper() == self.modality.upper() and slices >= self.min_slices

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from models.backends import DevicePreference, EngineKind
 from models.precision import Precision
 from server.core.archives import ZipLimits
+from server.core.bounds import MB, DicomBounds
 from server.core.nodes import Node, Route, check_ae_title, check_unique_names
 from server.core.options import SegOptions
 from server.core.vocabulary import SegCompression, SegType
@@ -54,6 +55,14 @@ class Settings(BaseSettings):
     worker_niceness: int = Field(0, ge=0, le=19, description="nice increment of worker processes (the API "
                                                               "answers first on a busy CPU; costs throughput)")
     sync_timeout_s: float = Field(300.0, gt=0)
+    # ---- uploads (docs/operations.md "Upload limits"): a request body that stalls or trickles is cut off with 408
+    upload_idle_timeout_s: float = Field(60.0, gt=0, description="a request body that sends nothing for this long "
+                                         "is cut off (408) and its job removed")
+    upload_min_kib_s: float = Field(64.0, ge=0, description="after the grace period a request body must average at "
+                                    "least this rate since its first read, else 408 (0: no rate floor)")
+    upload_rate_grace_s: float = Field(30.0, gt=0, description="seconds from a body's first read before the rate "
+                                       "floor applies (TCP slow start, a client that reads its files as it sends)")
+    max_json_kb: int = Field(64, ge=1, description="a JSON (pull) request body larger than this is refused (413)")
     # ---- the job core (docs/architecture.md)
     job_lease_s: float = Field(30.0, gt=0, description="a running job's lease; its worker renews it every third of "
                                "this, and a job whose lease ran out is given to another worker")
@@ -63,6 +72,26 @@ class Settings(BaseSettings):
                                      "by another connection before it is retried")
     db_patience_s: float = Field(300.0, gt=0, description="how long a write is retried while the database stays "
                                  "locked (a finished job's result is never dropped for a lock)")
+    # ---- worker memory (docs/operations.md "Workers that run out of memory")
+    worker_memory_mb: int = Field(0, ge=0, description="cap on one worker process's private memory (RLIMIT_DATA; "
+                                  "0: none): a job that needs more fails as out of memory instead of the kernel "
+                                  "killing workers or the host; must leave room for the bundles (a few hundred MB)")
+    worker_restart_backoff_s: float = Field(30.0, gt=0, description="after more than 5 worker deaths in a minute, "
+                                            "no worker is started for this long, then one is tried; doubled each "
+                                            "time the storm goes on")
+    worker_restart_backoff_max_s: float = Field(600.0, gt=0, description="cap on that pause")
+    # ---- declared sizes (docs/operations.md "Input bounds"): what a DICOM header may declare, refused at staging
+    dicom_max_rows_columns: int = Field(DicomBounds.max_rows_columns, ge=1, description="Rows and Columns of one "
+                                        "image (RLE, JPEG 2000 and deflate declare any size in a few kilobytes)")
+    dicom_max_frames: int = Field(DicomBounds.max_frames, ge=1, description="frames of one (Enhanced CT) instance")
+    dicom_max_frame_mb: float = Field(DicomBounds.max_frame_bytes / MB, gt=0, description="one decoded frame: "
+                                      "Rows x Columns x SamplesPerPixel x bytes per sample")
+    dicom_max_volume_mvoxels: float = Field(DicomBounds.max_volume_voxels / 1e6, gt=0, description="the chosen "
+                                            "series, in millions of voxels (a worker holds 2 bytes each, more while "
+                                            "it segments)")
+    dicom_max_header_mb: float = Field(DicomBounds.max_header_bytes / MB, gt=0, description="a deflated data set's "
+                                       "header inflated in the API process (its memory bound per file read); the "
+                                       "whole may inflate to its declared pixel data plus this, else a deflate bomb")
     seg_type: SegType = SegType.BINARY
     seg_keep_empty_frames: bool = False
     seg_compression: SegCompression = SegCompression.NONE
@@ -98,6 +127,21 @@ class Settings(BaseSettings):
     dicom_incomplete_hold_minutes: float = Field(
         60.0, ge=0, description="a series cut off by an aborted association waits this long to be sent again "
         "complete; then it is a failed job saying so")
+    # ---- DICOM trust (docs/operations.md "DICOM trust")
+    dicom_allow_any_ae: bool = Field(True, description="with the listener on and no CTSEG_DICOM_ALLOWED_AE_TITLES, "
+                                     "accept any calling AE title (a warning at start-up while DIMSE destinations "
+                                     "exist); false: that is a start-up error")
+    dicom_max_instance_mb: int = Field(1024, ge=1, description="largest instance the listener takes (a whole Enhanced "
+                                       "CT volume of 2000 512x512 slices is 1 GB); larger ones are refused "
+                                       "(0xA701, Out of Resources) and at most this much of one is written to disk")
+
+    @model_validator(mode="after")
+    def _dicom_trust(self) -> Settings:
+        if self.dicom_port is not None and not self.dicom_allow_any_ae and not self.dicom_allowed_ae_titles:
+            raise ValueError("CTSEG_DICOM_ALLOW_ANY_AE is false: the DICOM listener needs CTSEG_DICOM_ALLOWED_AE_TITLES "
+                             "(the calling AE titles it accepts)")
+        return self
+
     delivery_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; doubled each attempt")
     delivery_retry_max_s: float = Field(300.0, gt=0, description="cap on the delay between two attempts")
     delivery_probe_max_s: float = Field(30.0, gt=0, description="while a destination does not answer, it is checked "
@@ -131,6 +175,10 @@ class Settings(BaseSettings):
 
     def zip_limits(self) -> ZipLimits:
         return ZipLimits(self.zip_max_unpacked_mb * 2**20, self.zip_max_members, self.zip_max_ratio, self.zip_max_depth)
+
+    def dicom_bounds(self) -> DicomBounds:
+        return DicomBounds(self.dicom_max_rows_columns, self.dicom_max_frames, int(self.dicom_max_frame_mb * MB),
+                           int(self.dicom_max_volume_mvoxels * 1e6), int(self.dicom_max_header_mb * MB))
 
     def destination(self, name: str) -> Node:
         for node in self.destinations:

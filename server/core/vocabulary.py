@@ -80,11 +80,12 @@ class DestinationChoice(str, Enum):
 
 
 class ErrorKind(str, Enum):
-    """Why a job failed: the input (a 422 for the sender), the service, or a stop of the service."""
+    """Why a job failed: the input (a 422 for the sender), the service, a stop of the service, or memory."""
 
     INPUT = "input"
     INTERNAL = "internal"
     INTERRUPTED = "interrupted"
+    OUT_OF_MEMORY = "out-of-memory"  # its run ran out of memory (cap, or the kernel's OOM killer): not run again
 
 
 class DeliveryState(str, Enum):

@@ -14,13 +14,20 @@ sender chose); each is written durably (server/core/durable.py) before its C-STO
 * ``incoming``: one row per series, with its counts, and its routing: ``staging_job`` while a job is being made of
   it (a crash there re-stages it at the next start, so an acknowledged series is never lost), then ``job_id`` and
   ``routed_instances``. The files stay for ``dicom_reassembly_minutes`` after routing: instances that arrive
-  later make the series due again, and it is run whole, superseding the job made of the first part.
+  later make the series due again, and it is run whole, superseding the job made of the first part. Its
+  ``sender`` is the DIMSE destination that sent it, when the association's calling AE title *and* peer address are
+  that destination's (the listener checks): only then does its SEG go back to the sender.
+
+pynetdicom writes each received data set to ``<storage>/receiving/`` as it arrives; the listener moves the file
+into ``incoming/`` (same file system: a rename). Files left there by an association cut off mid-instance are removed
+at start and once nothing has been written to them for a while.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -65,7 +72,12 @@ def _v2_associations(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX associations_state ON associations(state)")
 
 
-MIGRATIONS: tuple[sqlite.Migration, ...] = (_v1_baseline, _v2_associations)
+def _v3_sender(db: sqlite3.Connection) -> None:
+    """The verified sender (a series received before this version has none: its SEG goes to the defaults)."""
+    db.execute("ALTER TABLE incoming ADD COLUMN sender TEXT")
+
+
+MIGRATIONS: tuple[sqlite.Migration, ...] = (_v1_baseline, _v2_associations, _v3_sender)
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,15 @@ class ArrivedSeries:
     job_id: str | None  # the job made of it last time (superseded by the next one)
     complete: bool  # no instance's last delivery came through an aborted association
     busy: bool  # an open association carried it
+    sender: str | None = None  # the DIMSE destination its last instance came from (AE title and address checked)
+
+
+def _move(source: Path, target: Path) -> None:
+    """A rename where both are on one file system (``receiving/`` is beside ``incoming/``), else a copy."""
+    try:
+        os.replace(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def digest(uid: str) -> str:
@@ -106,16 +127,17 @@ _SERIES = ("s.series_uid, s.study_uid, s.calling_ae_title, s.modality, s.descrip
            "(NOT EXISTS (SELECT 1 FROM arrival_instances i JOIN associations a ON "
            " a.id = i.association_id WHERE i.series_uid = s.series_uid AND a.state = 'aborted')) AS complete, "
            "EXISTS (SELECT 1 FROM arrival_instances i JOIN associations a ON a.id = i.association_id "
-           " WHERE i.series_uid = s.series_uid AND a.state = 'open') AS busy")
+           " WHERE i.series_uid = s.series_uid AND a.state = 'open') AS busy, s.sender")
 
 
 def _series(row: sqlite3.Row) -> ArrivedSeries:
-    return ArrivedSeries(*row[:11], complete=bool(row[11]), busy=bool(row[12]))
+    return ArrivedSeries(*row[:11], complete=bool(row[11]), busy=bool(row[12]), sender=row[13])
 
 
 class ArrivalStore:
     def __init__(self, storage: Path, busy_timeout_s: float = 10.0, patience_s: float = 300.0) -> None:
         self.root = durable.make_dirs(Path(storage) / "incoming")
+        self.receiving = durable.make_dirs(Path(storage) / "receiving")  # pynetdicom's files while they arrive
         self.path = Path(storage) / "jobs.sqlite3"
         self.patience_s = patience_s
         self._db = sqlite.connect(self.path, busy_timeout_s)
@@ -172,18 +194,21 @@ class ArrivalStore:
             (AssociationState.ABORTED, time.time(), AssociationState.OPEN)).rowcount)
 
     # ------------------------------------------------------------------------------------------------ instances
-    def store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, data: bytes) -> None:
-        """Write one instance durably, then record it: the caller answers success only after this returns."""
+    def store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, received: Path,
+                       sender: str | None = None) -> None:
+        """Move the received file (``receiving/``) into place durably, then record it: the caller answers success
+        only after this returns."""
         with self._series_lock:
-            self._store_instance(assoc_id, calling_ae_title, header, data)
+            self._store_instance(assoc_id, calling_ae_title, header, received, sender)
 
-    def _store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, data: bytes) -> None:
+    def _store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, received: Path,
+                        sender: str | None) -> None:
         folder = self.folder(header.series_uid)
         durable.make_dirs(folder)
         instance = digest(header.sop_instance_uid)
         path = folder / f"{instance}.dcm"
         again = path.exists()
-        durable.write_bytes(path, data)  # a resend of the same instance replaces it
+        durable.write_with(path, lambda tmp: _move(received, tmp))  # a resend of the same instance replaces it
         now = time.time()
 
         def body(db: sqlite3.Connection) -> None:
@@ -193,9 +218,11 @@ class ArrivalStore:
                        (header.series_uid, instance, assoc_id, header.frames, now))
             db.execute(
                 "INSERT INTO incoming (series_uid, study_uid, calling_ae_title, modality, description, instances, "
-                "frames, first_received, last_received) VALUES (?,?,?,?,?,0,0,?,?) ON CONFLICT(series_uid) DO UPDATE "
-                "SET last_received = excluded.last_received, calling_ae_title = excluded.calling_ae_title",
-                (header.series_uid, header.study_uid, calling_ae_title, header.modality, header.description, now, now))
+                "frames, first_received, last_received, sender) VALUES (?,?,?,?,?,0,0,?,?,?) ON CONFLICT(series_uid) "
+                "DO UPDATE SET last_received = excluded.last_received, calling_ae_title = excluded.calling_ae_title, "
+                "sender = excluded.sender",
+                (header.series_uid, header.study_uid, calling_ae_title, header.modality, header.description, now, now,
+                 sender))
             db.execute("UPDATE incoming SET instances = (SELECT COUNT(*) FROM arrival_instances WHERE series_uid = ?), "
                        "frames = (SELECT COALESCE(SUM(frames), 0) FROM arrival_instances WHERE series_uid = ?) "
                        "WHERE series_uid = ?", (header.series_uid, header.series_uid, header.series_uid))
@@ -205,6 +232,19 @@ class ArrivalStore:
             if not again:  # refused (no success goes back): nothing of it may be run later
                 path.unlink(missing_ok=True)
             raise
+
+    def sweep_receiving(self, idle_before: float) -> int:
+        """Files in ``receiving/`` not written to since ``idle_before``: what an association cut off mid-instance
+        left (pynetdicom does not remove them). Returns how many were removed."""
+        removed = 0
+        for path in self.receiving.iterdir():
+            try:
+                if path.stat().st_mtime < idle_before:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue  # moved into place or removed meanwhile
+        return removed
 
     # ------------------------------------------------------------------------------------------------ routing
     def due(self, quiet_before: float) -> list[ArrivedSeries]:
@@ -325,7 +365,8 @@ class ArrivalStore:
             self._tx("adopt a first-release series", body)
 
     def _drop_orphans(self) -> None:
-        """After a crash: rows whose folder is gone, folders with no row, half-written files."""
+        """After a crash: rows whose folder is gone, folders with no row, half-written and half-received files."""
+        self.sweep_receiving(float("inf"))
         uids = [r[0] for r in self._run("list series", lambda db: db.execute("SELECT series_uid FROM incoming").fetchall())]
         known = {digest(u) for u in uids}
         for uid in uids:

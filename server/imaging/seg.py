@@ -105,6 +105,7 @@ def build_seg(series: DicomSeries, labels: np.ndarray, bundle: Bundle, seg_type:
     (the job's id) seeds the SEG's UIDs; without one they are random."""
     if labels.shape != series.volume.shape:
         raise ValueError(f"label map {labels.shape} is not on the series grid {series.volume.shape}")
+    labels = series.to_slices(labels)  # a gantry-tilted series: one frame per source slice, on that slice
     options = SegOptions(seg_type, keep_empty_frames, compression)
     identity = seg_identity(series, bundle, options, result_id or uuid.uuid4().hex)
     algorithm = hd.AlgorithmIdentificationSequence(

@@ -15,6 +15,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from server.core import durable
+from server.core.bounds import DicomBounds
 from server.core.options import SegOptions
 from server.core.vocabulary import InputKind, Output, ResultFile
 from server.imaging.dicom_reader import load_series
@@ -44,6 +45,7 @@ def run_pipeline(
     progress: ProgressFn | None = None,
     display_name: str = "the input",
     result_id: str | None = None,
+    bounds: DicomBounds | None = None,
 ) -> PipelineResult:
     """``inputs``: one NIfTI file, or the chosen DICOM series' files (see server/jobs/staging.py). A SEG needs
     DICOM input: that is decided at staging (server/jobs/model.py: ``settle_outputs``), not here."""
@@ -58,7 +60,8 @@ def run_pipeline(
         volume, repaired = replace_non_finite(read_nifti(inputs[0], display_name), inputs[0])
         notes += [repaired] if repaired else []
     else:
-        series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality})
+        # the bounds staging checked: a limit raised in the settings holds here too
+        series = load_series([(p.name, p) for p in inputs], series_uid, {engine.bundle.modality}, bounds=bounds)
         volume = series.volume
         notes += series.notes
     timings.add("decode", time.perf_counter() - t)

@@ -24,6 +24,7 @@ from server.core.vocabulary import ErrorKind, ResultFile
 from server.inference.engine import Engine
 from server.inference.pipeline import run_pipeline
 from server.jobs.files import JobFiles
+from server.jobs.memory import is_allocation_failure, out_of_memory_message
 from server.jobs.model import Claim, Job, JobResult
 from server.jobs.store import JobStore
 
@@ -70,6 +71,16 @@ class Heartbeat:
     def check(self) -> None:
         if self.lost.is_set():
             raise LeaseLost()
+
+
+def fail_lost_run(store: JobStore, files: JobFiles, claim: Claim, kind: ErrorKind, message: str) -> bool:
+    """A run whose worker process died, failed now instead of given back to the queue (it ran out of memory and
+    would again). Fenced like any write of the run: a run that committed first keeps its result."""
+    if not store.fail(claim, kind, message):
+        return False
+    files.remove_run(claim.job_id, claim.attempt)
+    files.remove_input(claim.job_id)
+    return True
 
 
 class JobExecutor:
@@ -122,6 +133,13 @@ class JobExecutor:
                 self.files.remove_run(job_id, claim.attempt)
                 if storage_full(err):
                     self._fail_on_full_disk(claim)
+                    return
+                if is_allocation_failure(err):  # the worker's memory cap (or the machine): it would fail again
+                    log.error("job %s failed: out of memory (%s)", job_id, type(err).__name__)
+                    message = out_of_memory_message(self.settings.worker_memory_mb,
+                                                    f"an allocation failed ({type(err).__name__})")
+                    if self.store.fail(claim, ErrorKind.OUT_OF_MEMORY, message):
+                        self.files.remove_input(job_id)
                     return
                 log.exception("job %s failed", job_id)
                 if self.store.fail(claim, ErrorKind.INTERNAL, f"internal error: {type(err).__name__}"):
@@ -180,6 +198,6 @@ class JobExecutor:
         result = run_pipeline(
             engine, staged.kind, inputs, self.files.run_dir(job.id, claim.attempt), job.spec.outputs,
             staged.series_uid, self.settings.seg_options(), progress, display_name=staged.display_name,
-            result_id=job.seg_seed,
+            result_id=job.seg_seed, bounds=self.settings.dicom_bounds(),
         )
         return JobResult(tuple(result.produced), result.timings, tuple(job.notes) + tuple(result.notes))

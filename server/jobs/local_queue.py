@@ -2,8 +2,14 @@
 
 Processes, because preprocessing (SimpleITK resampling), NIfTI compression and DICOM encoding hold the GIL for
 tenths of a second at a time: in threads they stall the event loop and status requests wait behind them. A worker
-process also fails alone: if the kernel kills it (out of memory) its run is given back to the queue (up to
-``job_max_attempts``), a new worker takes its place and the service keeps answering.
+process also fails alone: a worker that dies gives its run back to the queue (up to ``job_max_attempts``), a
+new worker takes its place and the service keeps answering. One that ran out of memory (server/jobs/memory.py
+says which deaths did) fails its job at once, naming it: a second run would need the same memory.
+
+Worker deaths go through a circuit breaker: more than 5 within a minute (a crash loop, an out-of-memory storm)
+open it, and no worker is started for ``worker_restart_backoff_s``, doubled each time it opens again within a
+minute of closing (up to ``worker_restart_backoff_max_s``); then one worker is tried (half-open), and the breaker
+closes when that worker is ready. The service never stays without workers until someone restarts it.
 
 Workers die with the service: each watches its parent and exits the moment the parent is gone (a SIGKILL of the
 API process included), so an orphan never finishes a job that the restarted service runs again; and were one to
@@ -29,9 +35,19 @@ from typing import Any
 
 from models.logs import RedactingFormatter
 from server.core.settings import Settings
+from server.core.vocabulary import ErrorKind
 from server.inference.engine import Engine, engines_from_settings
-from server.jobs.executor import JobExecutor
+from server.jobs.executor import JobExecutor, fail_lost_run
 from server.jobs.files import JobFiles
+from server.jobs.memory import (
+    Death,
+    OomCounter,
+    apply_cap,
+    classify_death,
+    is_allocation_failure,
+    out_of_memory_message,
+    rss_bytes,
+)
 from server.jobs.model import Claim
 from server.jobs.queue import DoneFn, LostFn
 from server.jobs.sqlite_store import SqliteJobStore
@@ -40,7 +56,8 @@ from server.jobs.store import JobStore
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 0.1
-CRASH_LOOP = (5, 60.0)  # more than 5 worker deaths within 60 s: stop replacing them
+CRASH_LOOP = (5, 60.0)  # more than 5 worker deaths within 60 s open the breaker (no new worker for a while)
+RSS_SAMPLE_S = 0.5  # how often the API process notes each worker's resident memory
 
 
 class WorkerStartError(RuntimeError):
@@ -57,6 +74,7 @@ class ThreadWorkers:
     def __init__(self, settings: Settings, engines: dict[str, Engine], store: JobStore, files: JobFiles,
                  on_done: DoneFn) -> None:
         self.start_error: str | None = None
+        self.degraded: str | None = None
         self.engines = engines
         self.executor = JobExecutor(settings, engines, store, files)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="ctseg-job")
@@ -116,6 +134,7 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, parent: int
     """A worker process: load and warm the engines, then run the jobs the API process sends until ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when workers stop
     _die_with(parent)
+    apply_cap(settings_data["worker_memory_mb"])  # before anything is loaded: the bundles count too
     lock = threading.Lock()
 
     def send(message: tuple[str, Any]) -> None:
@@ -137,7 +156,11 @@ def worker_main(settings_data: dict[str, Any], conn: mpc.Connection, parent: int
             engine.warm_up()
         executor = JobExecutor(settings, engines, open_store(settings), JobFiles(settings.storage_dir))
     except Exception as err:
-        send(("error", f"{type(err).__name__}: {err}"))
+        if is_allocation_failure(err):
+            send(("error", (f"out of memory while loading the bundles (CTSEG_WORKER_MEMORY_MB="
+                            f"{settings.worker_memory_mb} is too small for them): {type(err).__name__}")))
+        else:
+            send(("error", f"{type(err).__name__}: {err}"))
         return
     send(("ready", None))
     while True:
@@ -158,6 +181,7 @@ class _Worker:
     ready: bool = False
     job: str | None = None
     claim: Claim | None = None
+    rss: int | None = None  # resident memory when last sampled (the cause of a death, when it was at its cap)
 
 
 class ProcessWorkers:
@@ -174,8 +198,20 @@ class ProcessWorkers:
         self._workers: list[_Worker] = []
         self._stopping = False
         self._monitor: threading.Thread | None = None
-        self.start_error: str | None = None
+        self.start_error: str | None = None  # set while the breaker is open and no worker can take a job
+        self.degraded: str | None = None  # set while the breaker is open or half-open: /readyz says so
         self._deaths: list[float] = []
+        self._trips = 0  # times the breaker opened since it last stayed closed a minute: the back-off's exponent
+        self._open_until: float | None = None  # monotonic time of the next try while open
+        self._probe: _Worker | None = None  # the worker tried while half-open
+        self._closed_at = float("-inf")
+        self._backoff = 0.0
+        self._oom = OomCounter.find()
+        self._oom_seen = self._oom.read()
+        self._oom_credit = 0  # OOM kills counted by the kernel and not yet matched with a worker's death
+        self._sampled = 0.0
+        self._store: SqliteJobStore | None = None  # for failing the run of a worker that ran out of memory
+        self._files = JobFiles(settings.storage_dir)
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -239,6 +275,60 @@ class ProcessWorkers:
             for worker in workers:
                 if not worker.process.is_alive() and not self._stopping:
                     self._replace(worker)
+            self._sample_memory(workers)
+            self._half_open()
+
+    def _sample_memory(self, workers: list[_Worker]) -> None:
+        now = time.monotonic()
+        if now - self._sampled < RSS_SAMPLE_S:
+            return
+        self._sampled = now
+        for worker in workers:
+            if worker.process.pid is not None:
+                worker.rss = rss_bytes(worker.process.pid) or worker.rss
+
+    def _half_open(self) -> None:
+        """After the back-off: one worker is tried; its being ready closes the breaker (``_receive``)."""
+        with self._lock:
+            if self._stopping or self._open_until is None:
+                return
+            if time.monotonic() < self._open_until:
+                self._refresh()  # the count-down /readyz shows
+                return
+            self._open_until = None
+            self._probe = self._spawn()
+            self._workers.append(self._probe)
+            self._refresh()
+        log.warning("worker restart back-off over: trying one worker process")
+
+    def _trip(self, now: float) -> None:  # under the lock
+        if now - self._closed_at > CRASH_LOOP[1]:
+            self._trips = 0
+        self._trips += 1
+        base, cap = self.settings.worker_restart_backoff_s, self.settings.worker_restart_backoff_max_s
+        backoff = self._backoff = min(base * 2 ** (self._trips - 1), cap)
+        self._open_until, self._probe = now + backoff, None
+        log.error("%d worker processes stopped within a minute; not restarting for %g s, then one is tried "
+                  "(back-off %d)", len(self._deaths), backoff, self._trips)
+
+    def _close(self) -> None:  # under the lock: the worker tried is ready
+        self._probe, self._closed_at = None, time.monotonic()
+        while len(self._workers) < self.settings.concurrency:
+            self._workers.append(self._spawn())
+        log.warning("a worker process started again after the back-off: workers are replaced again")
+
+    def _refresh(self) -> None:  # under the lock: what /readyz and submissions see
+        n = len(self._deaths)
+        if self._open_until is not None:
+            wait = max(0.0, self._open_until - time.monotonic())
+            self.degraded = (f"{n} worker processes stopped within a minute; not restarting for {self._backoff:g} s "
+                             f"(back-off): one is tried in {wait:.0f} s")
+        elif self._probe is not None:
+            self.degraded = f"{n} worker processes stopped within a minute; one is being started again"
+        else:
+            self.degraded = None
+        working = any(w.ready and w.process.is_alive() for w in self._workers)
+        self.start_error = self.degraded if self._open_until is not None and not working else None
 
     def _receive(self, worker: _Worker) -> bool:
         try:
@@ -257,6 +347,9 @@ class ProcessWorkers:
         elif kind == "ready":
             with self._lock:
                 worker.ready = True
+                if worker is self._probe:
+                    self._close()
+                self._refresh()
                 self._dispatch()
         elif kind == "error":  # it exits now; its replacement counts towards the crash loop like any death
             log.error("a replacement worker process could not start: %s", value)
@@ -273,20 +366,45 @@ class ProcessWorkers:
                 return
             self._workers.remove(dead)
             job, claim, code = dead.job, dead.claim, dead.process.exitcode
+            death = self._classify(dead)
             now = time.monotonic()
             limit, window = CRASH_LOOP
             self._deaths = [t for t in self._deaths if now - t < window] + [now]
-            if len(self._deaths) > limit and self.start_error is None:
-                self.start_error = f"{len(self._deaths)} worker processes stopped within a minute; not restarting"
-                log.error(self.start_error)
-            if self.start_error is None:
-                self._workers.append(self._spawn())
-        log.error("worker process %s stopped with exit code %s%s", dead.process.pid, code,
+            if dead is self._probe:  # the worker tried after the back-off died too: a longer one
+                self._trip(now)
+            elif self._open_until is None and self._probe is None:
+                if len(self._deaths) > limit:
+                    self._trip(now)
+                else:
+                    self._workers.append(self._spawn())
+            self._refresh()
+        log.error("worker process %s stopped (%s)%s", dead.process.pid, death.cause,
                   f" while running job {job}" if job else "")
         if claim is not None:
-            self.on_lost(claim, code)
+            if death.out_of_memory:
+                self._fail_out_of_memory(claim, death)
+            self.on_lost(claim, code)  # gives back a run that still holds the job; counts the end of the run
         elif job is not None:  # sent, not yet claimed: it is still queued
             self.submit(job)
+
+    def _classify(self, dead: _Worker) -> Death:  # under the lock
+        count = self._oom.read()
+        if count is not None and self._oom_seen is not None:
+            self._oom_credit += max(0, count - self._oom_seen)
+        self._oom_seen = count
+        death = classify_death(dead.process.exitcode, self._oom_credit if count is not None else None,
+                               self._oom.source, dead.rss, self.settings.worker_memory_mb)
+        if death.out_of_memory and self._oom_credit:
+            self._oom_credit -= 1
+        return death
+
+    def _fail_out_of_memory(self, claim: Claim, death: Death) -> None:
+        """Not given back to the queue: it would run out of memory again, and kill another worker."""
+        if self._store is None:
+            self._store = open_store(self.settings)
+        message = out_of_memory_message(self.settings.worker_memory_mb, f"its worker process was {death.cause}")
+        if fail_lost_run(self._store, self._files, claim, ErrorKind.OUT_OF_MEMORY, message):
+            log.error("job %s failed: out of memory (not run again)", claim.job_id)
 
     def stop(self) -> None:
         self._stopping = True
@@ -300,6 +418,8 @@ class ProcessWorkers:
             if worker.process.is_alive():  # mid-job: its run is given back to the queue at the next start
                 worker.process.terminate()
                 worker.process.join(timeout=2.0)
+        if self._store is not None:
+            self._store.close()
 
     @property
     def healthy(self) -> bool:

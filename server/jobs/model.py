@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from server.core.errors import InputError
+from server.core.options import PhaseChoice
 from server.core.vocabulary import (
     DeliveryState,
     DestinationChoice,
@@ -98,6 +99,7 @@ class JobRequest:
     series_uid: str | None
     origin: Origin
     destinations: tuple[str, ...] | None = None  # None: the default rule (sender, else the default destinations)
+    phase: PhaseChoice | None = None  # which acquisition of a multi-phase series (None: refused if it has several)
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,11 @@ class JobSpec:
     destinations: tuple[str, ...]
     destination_choice: DestinationChoice
     origin: Origin
+    phase: PhaseChoice | None = None  # stored in the record's ``params`` JSON (server/jobs/sqlite_store.py)
 
     def __post_init__(self) -> None:
+        if self.phase is not None and not isinstance(self.phase, PhaseChoice):
+            object.__setattr__(self, "phase", PhaseChoice(str(self.phase)))
         object.__setattr__(self, "outputs", tuple(Output(o) for o in self.outputs))
         object.__setattr__(self, "destinations", tuple(self.destinations))
         object.__setattr__(self, "destination_choice", DestinationChoice(self.destination_choice))

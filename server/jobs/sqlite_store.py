@@ -94,17 +94,22 @@ MIGRATIONS: tuple[sqlite.Migration, ...] = (_v1_baseline, _v2_job_core)
 
 _JOB_COLUMNS = ("id, state, model, input_kind, created, updated, progress_done, progress_total, timings, error, "
                 "error_kind, notes, outputs, origin, staged, destinations, outputs_requested, series_uid, "
-                "destination_choice, attempt, lease_until, superseded_by, supersedes, seg_seed")
+                "destination_choice, attempt, lease_until, superseded_by, supersedes, seg_seed, params")
 _DELIVERY_COLUMNS = ("id, job_id, destination, state, attempts, last_error, warning, created, next_attempt, "
                      "delivered_at, claim")
 _RUNNING = JobState.RUNNING.value
+
+
+def _params(spec: JobSpec) -> dict[str, str]:
+    """Request options without a column of their own (``phase``), in the record's ``params`` JSON."""
+    return {"phase": str(spec.phase)} if spec.phase is not None else {}
 
 
 def _job(r: sqlite3.Row) -> Job:
     origin = Origin.from_dict(json.loads(r["origin"])) if r["origin"] else Origin("upload")
     spec = JobSpec(r["model"], tuple(Output(o) for o in json.loads(r["outputs_requested"] or "[]")) or (Output.NIFTI,),
                    r["series_uid"], tuple(json.loads(r["destinations"] or "[]")),
-                   DestinationChoice(r["destination_choice"]), origin)
+                   DestinationChoice(r["destination_choice"]), origin, json.loads(r["params"] or "{}").get("phase"))
     return Job(
         r["id"], JobState(r["state"]), spec, r["created"], r["updated"],
         InputKind(r["input_kind"]) if r["input_kind"] else None,
@@ -188,8 +193,8 @@ class SqliteJobStore:
         self._run("create a job", lambda db: db.execute(
             "INSERT INTO jobs (id, state, model, params, created, updated, origin, destinations, outputs_requested, "
             "series_uid, destination_choice, supersedes, seg_seed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (job_id, JobState.STAGING.value, spec.model, "{}", now, now, json.dumps(spec.origin.to_dict()),
-             json.dumps(list(spec.destinations)), json.dumps([o.value for o in spec.outputs]), spec.series_uid,
+            (job_id, JobState.STAGING.value, spec.model, json.dumps(_params(spec)), now, now,
+             json.dumps(spec.origin.to_dict()), json.dumps(list(spec.destinations)), json.dumps([o.value for o in spec.outputs]), spec.series_uid,
              spec.destination_choice.value, supersedes, job_id)))
         return job
 

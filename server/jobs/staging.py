@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.core.archives import ZipLimits, extract_zip
+from server.core.bounds import DicomBounds
 from server.core.errors import InputError
+from server.core.options import PhaseChoice
 from server.core.vocabulary import InputKind
 from server.imaging.dicom_reader import inspect_series
 from server.imaging.nifti import check_nifti_header, is_nifti_name
@@ -45,8 +47,11 @@ class Selection:
     notes: list[str]
 
 
-def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]) -> Selection:
-    """Decide the kind of ``paths`` (no zips among them) and, for DICOM, choose and check the series."""
+def select_input(paths: list[Path], series_uid: str | None, modalities: set[str],
+                 phase: PhaseChoice | None = None, bounds: DicomBounds | None = None) -> Selection:
+    """Decide the kind of ``paths`` (no zips among them) and, for DICOM, choose and check the series (and its
+    acquisition, ``phase``, where it holds several). Every size a DICOM header declares is checked against
+    ``bounds`` (settings ``CTSEG_DICOM_MAX_*``; defaults without them), nothing decoded."""
     if not paths:
         raise InputError("no file in the input")
     nifti = [p for p in paths if is_nifti_name(p.name)]
@@ -56,8 +61,10 @@ def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]
         check_spacing(check_nifti_header(paths[0], NIFTI_DISPLAY_NAME))
         if series_uid:
             raise InputError("series_uid applies to DICOM input; a NIfTI file holds one volume")
+        if phase is not None:
+            raise InputError("phase applies to DICOM input; a NIfTI file holds one volume")
         return Selection(InputKind.NIFTI, paths, None, NIFTI_DISPLAY_NAME, [])
-    choice = inspect_series([(p.name, p) for p in paths], series_uid, modalities)
+    choice = inspect_series([(p.name, p) for p in paths], series_uid, modalities, phase, bounds)
     check_spacing(choice.geometry.spacing)
     chosen = [Path(f) for f in choice.files]
     return Selection(InputKind.DICOM, chosen, choice.series_uid,
@@ -80,11 +87,13 @@ def unpack_zips(inbox: Path, limits: ZipLimits) -> None:
                              max_members=budget.max_members - len(out))
 
 
-def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[str], limits: ZipLimits) -> StagedInput:
-    """Check the files in a job's ``inbox`` and keep only what the job will read."""
+def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[str], limits: ZipLimits,
+          phase: PhaseChoice | None = None, bounds: DicomBounds | None = None) -> StagedInput:
+    """Check the files in a job's ``inbox`` and keep only what the job will read (one acquisition, no
+    localizers: the worker reads exactly the volume's instances)."""
     unpack_zips(inbox, limits)
     paths = sorted(p for p in inbox.rglob("*") if p.is_file())
-    selection = select_input(paths, series_uid, modalities)
+    selection = select_input(paths, series_uid, modalities, phase, bounds)
     keep = {p.resolve() for p in selection.files}
     for path in paths:
         if path.resolve() not in keep:

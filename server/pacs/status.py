@@ -27,6 +27,11 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700  # the sender keeps the instance and retries (disk full, database unavailable)
     CANNOT_UNDERSTAND = 0xC000  # the data set cannot be read or lacks its UIDs
+    # Over CTSEG_DICOM_MAX_INSTANCE_MB. A7xx is the storage service's one "refused, not stored, for lack of
+    # resources" range (PS3.4 B.2.3): the instance is not wrong (Cxxx) nor of the wrong class (A9xx), it is more than
+    # this service agreed to hold. A code of its own in that range tells it from the transient disk-full 0xA700 in
+    # both sides' logs; a sender that retries meets the same limit until the operator raises it.
+    INSTANCE_TOO_LARGE = 0xA701
 
 
 class Service(str, Enum):

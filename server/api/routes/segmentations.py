@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -11,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from server.api.deps import AuthDep, ServiceDep
+from server.api.limits import read_json_body
 from server.api.multipart import receive_files
 from server.api.schemas import (
     ErrorOut,
@@ -26,6 +28,7 @@ from server.core.errors import (
     InsufficientStorage,
     storage_full,
 )
+from server.core.options import PhaseChoice
 from server.core.vocabulary import ErrorKind, OriginKind, ResultFile, parse_outputs
 from server.jobs.model import Job, JobRequest, JobState, Origin
 from server.service import SegmentationService
@@ -52,19 +55,33 @@ def _parse_destinations(value: str | None) -> tuple[str, ...] | None:
     return () if names == ("none",) else names
 
 
+def _parse_phase(value: str | None) -> PhaseChoice | None:
+    try:
+        return PhaseChoice(value) if value is not None else None
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
 def _public(service: SegmentationService, job: Job) -> JobOut:
     return job_out(job, service.deliveries(job.id))
 
 
 async def _receive_upload(service: SegmentationService, request: JobRequest, http: Request) -> Job:
-    """A ``staging`` job first (so a crash while the body streams in leaves a record that recovery fails with the
-    reason), then the parts streamed into its input folder, then staging."""
-    job = await run_in_threadpool(service.open_job, request)  # the store is never used on the event loop
+    """A ``staging`` job once the first file part begins (so a crash while the body streams in leaves a record that
+    recovery fails with the reason, and a request that sends nothing holds no queue slot), then the parts streamed
+    into its input folder, then staging. A body cut off (too slow, too large, malformed) removes the job."""
+    opened: list[Job] = []
+
+    def open_inbox() -> Path:  # called in a worker thread (the parser's): the store never runs on the event loop
+        opened.append(service.open_job(request))
+        return service.input_dir(opened[0].id)
+
     try:
-        await receive_files(http, service.input_dir(job.id), service.settings.zip_max_members)
-        return await run_in_threadpool(service.stage_and_enqueue, job)
+        await receive_files(http, open_inbox, service.settings.zip_max_members)  # at least one file, or InputError
+        return await run_in_threadpool(service.stage_and_enqueue, opened[0])
     except BaseException as err:
-        await run_in_threadpool(service.discard, job.id)
+        if opened:
+            await run_in_threadpool(service.discard, opened[0].id)
         if storage_full(err):
             raise InsufficientStorage(STORAGE_FULL) from None
         raise
@@ -80,7 +97,8 @@ async def _receive_upload(service: SegmentationService, request: JobRequest, htt
         200: {"model": JobOut, "description": "finished (wait=true)"},
         202: {"model": JobOut, "description": "accepted; follow the Location header"},
         404: {"model": ErrorOut, "description": "unknown model or source, or the series is not on the source"},
-        413: {"model": ErrorOut, "description": "upload over the size limit"},
+        408: {"model": ErrorOut, "description": "the request body stalled or arrived too slowly (cut off)"},
+        413: {"model": ErrorOut, "description": "upload over the size limit, or a JSON body over its limit"},
         422: {"model": InputErrorOut, "description": "unreadable input, several candidate series, NIfTI with "
                                                       "dicom-seg, unknown destination, ..."},
         500: {"model": JobOut, "description": "the job failed inside the service (wait=true)"},
@@ -98,12 +116,15 @@ async def submit(
     destinations: Annotated[str | None, Query(description="destination names for the SEG, comma separated, or "
                                                           "'none'; default: CTSEG_DEFAULT_DESTINATIONS")] = None,
     wait: Annotated[bool, Query(description="answer when done (up to the sync timeout) instead of 202")] = False,
+    phase: Annotated[str | None, Query(description="a series holding several acquisitions (phases): 'first', "
+                                                   "'last' or the number the 422 listing them gives")] = None,
 ) -> Response:
     job_request = JobRequest(model, parse_outputs(outputs), series_uid, Origin(OriginKind.UPLOAD),
-                             _parse_destinations(destinations))
+                             _parse_destinations(destinations), _parse_phase(phase))
     if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
         try:
-            pull = PullRequest.model_validate_json(await request.body())
+            body = await read_json_body(request, service.settings.max_json_kb * 1024)
+            pull = PullRequest.model_validate_json(body)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
             raise InputError(f"pull request body: {problems}") from None
