@@ -135,13 +135,19 @@ def _recorder(app: FastAPI) -> Callable[[dict, int, float], None]:
     return record
 
 
+def _where(request: Request) -> str:
+    """The route template, as the access log names it: never the raw path (a UID or a name typed into it)."""
+    return getattr(request.scope.get("route"), "path", None) or UNMATCHED
+
+
 async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
     if storage_full(exc):  # wherever it happened (a record, a file): the same 507, never a 500
-        log.error("storage full on %s %s", request.method, request.url.path)
+        log.error("storage full on %s %s", method_label(request.method), _where(request))
         return await _error_handler(request, InsufficientStorage(STORAGE_FULL))
     if isinstance(exc, StoreBusy):
         return await _error_handler(request, ServiceUnavailable("the job database is busy; retry later"))
-    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+    log.error("internal error on %s %s: %s", method_label(request.method), _where(request), type(exc).__name__,
+              exc_info=exc)
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500)
 
 

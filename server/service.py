@@ -284,7 +284,11 @@ class SegmentationService:
             if self.store.active() >= self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
             job = self.store.create(spec, supersedes)
-        self.files.make_input_dir(job.id)
+        try:
+            self.files.make_input_dir(job.id)
+        except BaseException:
+            self.discard(job.id)  # a full disk at mkdir: the record must not hold a queue slot until a restart
+            raise
         return job
 
     def input_dir(self, job_id: str) -> Path:
@@ -329,7 +333,7 @@ class SegmentationService:
         if kind == ErrorKind.INTERNAL:
             log.error("job %s: staging failed", job_id, exc_info=error)
         self.store.refuse(job_id, kind, message)
-        log.warning("job %s failed on its input: %s", job_id, message)
+        log.warning("job %s failed on its input (the reason is on the job)", job_id)
 
     def pull(self, request: JobRequest, source: str, study_uid: str, series_uid: str) -> Job:
         """Retrieve a series from a configured source into a new job and queue it."""

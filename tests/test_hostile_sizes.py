@@ -220,3 +220,37 @@ def test_lossy_input_is_noted_on_the_job_and_the_seg_says_so(server):
     seg = pydicom.dcmread(io.BytesIO(requests.get(f"{server.url}/v1/segmentations/{job['id']}/seg.dcm",
                                                   timeout=10).content))
     assert seg.LossyImageCompression == "01" and seg.LossyImageCompressionMethod == "ISO_15444_1"
+
+
+def test_a_header_read_leaves_large_elements_on_disk(tmp_path):
+    """64 MB of OverlayData before the pixel data: a header read (what staging and the DICOM listener do) does not
+    hold it (it is left on disk, never asked for)."""
+    import tracemalloc
+
+    ds = small_series()[0]
+    ds.add_new(0x60003000, "OW", bytes(64 * MB))  # OverlayData, group 6000: before (7FE0,0010)
+    path = tmp_path / "overlay.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    tracemalloc.start()
+    try:
+        header = dicom_reader.read_header(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert int(header.Rows) == 24
+    assert peak < 8 * MB, f"a header read held {peak / MB:.0f} MB"
+
+
+def test_one_instance_declaring_more_voxels_than_a_series_may_is_refused_before_its_body_is_inflated(tmp_path):
+    import time
+
+    ds = small_series()[0]
+    ds.Rows = ds.Columns = 4096
+    ds.NumberOfFrames = 8192  # each bound on its own holds; together 137 billion voxels
+    path = tmp_path / "huge.dcm"
+    path.write_bytes(deflate_bomb(ds, 64 * MB))
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"declares 137,438,953,472 voxels .* \(CTSEG_DICOM_MAX_VOLUME_MVOXELS"):
+        dicom_reader.read_header(path)
+    assert time.monotonic() - started < 5

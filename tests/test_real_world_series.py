@@ -147,6 +147,23 @@ def test_two_phase_series_lists_its_phases_then_segments_the_one_asked_for(clien
     assert r.status_code == 422 and "phase must be first, last or a phase number" in r.json()["detail"]
 
 
+def test_phases_of_a_study_across_midnight_keep_their_order(client):
+    """23:59:30 on one day, then 00:01:00 on the next: the first is the earlier one, not the later time of day."""
+    arterial, venous = two_phases()
+    for when, day, phase in (("235930", "20261201", arterial), ("000100", "20261202", venous)):
+        for ds in phase:
+            ds.AcquisitionTime = ds.ContentTime = when
+            ds.AcquisitionDate = ds.ContentDate = day
+            del ds.AcquisitionNumber  # the times alone tell the acquisitions apart
+    files = files_of(venous + arterial)
+    r = post(client, files)
+    assert r.status_code == 422, r.text[:500]
+    assert [p["time"] for p in r.json()["phases"]] == ["23:59:30", "00:01:00"]
+    r = post(client, files, phase="first", outputs="dicom-seg")
+    assert r.status_code == 200, r.text[:500]
+    assert referenced(read_seg(client, r.json()["id"])) == {ds.SOPInstanceUID for ds in arterial}
+
+
 def test_a_route_chooses_the_phase_of_a_received_series(intensity_bundle, tmp_path):
     storescu = require_tool(STORESCU, "dcmtk's storescu (Debian package dcmtk)")
     with pytest.raises(ValidationError, match="phase must be first, last or a phase number"):

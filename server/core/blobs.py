@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from server.core.durable import fsync_dir, fsync_file, make_dirs, temporary
+from server.core.durable import make_dirs, temporary, write_bytes, write_with
 from server.core.errors import ServiceUnavailable
 
 KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -92,29 +92,11 @@ class FileBlobStore:
 
     def put_file(self, key: str, source: Path) -> None:
         target = self._path(key)
-        make_dirs(target.parent)
-        tmp = temporary(target)
-        try:
-            shutil.copyfile(source, tmp)
-            fsync_file(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
+        write_with(make_dirs(target.parent) / target.name, lambda tmp: shutil.copyfile(source, tmp))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)
-        make_dirs(target.parent)
-        tmp = temporary(target)
-        try:
-            tmp.write_bytes(data)
-            fsync_file(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
+        write_bytes(make_dirs(target.parent) / target.name, data)
 
     def get_file(self, key: str, target: Path) -> None:
         tmp = temporary(Path(target))

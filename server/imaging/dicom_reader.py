@@ -9,6 +9,7 @@ server/imaging/tilt.py). Compressed transfer syntaxes decode through pydicom's p
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import logging
@@ -158,6 +159,15 @@ def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >> 16 != 2
 
 
+# A header read leaves values larger than this on disk (read only if asked for, which staging never is): an
+# overlay, an icon or a private blob of hundreds of MB before the pixel data costs the API process nothing.
+DEFER_BYTES = 256 * 1024
+
+
+def _defer(data: object, headers_only: bool) -> int | None:
+    return DEFER_BYTES if headers_only and not isinstance(data, bytes) else None
+
+
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 FIRST_HEADER_STEP = 1 << 20  # a deflated header is inflated 1 MiB, then 4, 16... up to the bound
 
@@ -175,7 +185,8 @@ def _parse(data: object, headers_only: bool, bounds: DicomBounds, where: str) ->
             deflated = False
         if deflated:
             return _read_deflated(fp, preamble, meta, data, headers_only, bounds, where)
-    return pydicom.dcmread(_source(data), force=False, stop_before_pixels=headers_only), _size(data)
+    return pydicom.dcmread(_source(data), force=False, stop_before_pixels=headers_only,
+                           defer_size=_defer(data, headers_only)), _size(data)
 
 
 def _read_deflated(fp: BinaryIO, preamble: bytes | None, meta: FileMetaDataset, data: object, headers_only: bool,
@@ -247,7 +258,8 @@ def _read_one(index: int, data: object, headers_only: bool, report: ReadReport, 
         if _head(data)[:2] not in RAW_DATASET_GROUPS:
             return None
         try:  # a data set without preamble and file meta, as older archives store them
-            ds = pydicom.dcmread(_source(data), force=True, stop_before_pixels=headers_only)
+            ds = pydicom.dcmread(_source(data), force=True, stop_before_pixels=headers_only,
+                                 defer_size=_defer(data, headers_only))
         except Exception:
             return None
         if "SOPInstanceUID" not in ds and "ImagePositionPatient" not in ds:
@@ -320,6 +332,10 @@ def check_declared(where: str, ds: Dataset, bounds: DicomBounds) -> None:
     if frames > bounds.max_frames:
         raise InputError(f"{where} declares {frames} frames (NumberOfFrames); at most {bounds.max_frames} are "
                          f"accepted ({SETTING['max_frames']})")
+    if rows * cols * frames > bounds.max_volume_voxels:  # one instance past the whole series' bound: refused
+        raise InputError(f"{where} declares {rows * cols * frames:,} voxels ({rows}x{cols} pixels x {frames} "  # before
+                         f"frames); at most {bounds.max_volume_voxels:,} are accepted "  # a deflated body is counted
+                         f"({SETTING['max_volume_voxels']} {bounds.max_volume_voxels / 1e6:g})")
     if frame_bytes > bounds.max_frame_bytes:
         raise InputError(f"{where} declares frames of {frame_bytes:,} bytes decoded ({rows}x{cols} pixels, "
                          f"SamplesPerPixel {ds.get('SamplesPerPixel', 1)}, BitsAllocated {ds.get('BitsAllocated')}); "
@@ -653,9 +669,30 @@ def _phase_key(ds: Dataset, keyword: str) -> float | None:
     return _seconds(value)
 
 
+def _days(ds: Dataset, *keywords: str) -> int:
+    """The first of ``keywords`` that holds a DA value (YYYYMMDD), as a day number; 0 where none does."""
+    for keyword in keywords:
+        text = str(ds.get(keyword) or "").strip()
+        if len(text) >= 8 and text[:8].isdigit():
+            try:
+                return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8])).toordinal()
+            except ValueError:
+                continue
+    return 0
+
+
+def _moment(ds: Dataset) -> float | None:
+    """When an instance was acquired, in seconds, its date included (a study across midnight keeps its order)."""
+    for time_kw, date_kws in (("AcquisitionTime", ("AcquisitionDate", "ContentDate", "SeriesDate", "StudyDate")),
+                              ("ContentTime", ("ContentDate", "AcquisitionDate", "SeriesDate", "StudyDate"))):
+        seconds = _seconds(ds.get(time_kw))
+        if seconds is not None:
+            return _days(ds, *date_kws) * 86400.0 + seconds
+    return None
+
+
 def _start_time(group: list[Dataset]) -> float:
-    times = [t for ds in group for t in (_seconds(ds.get("AcquisitionTime")) or _seconds(ds.get("ContentTime")),)
-             if t is not None]
+    times = [t for t in map(_moment, group) if t is not None]
     return min(times) if times else float("inf")
 
 
@@ -710,7 +747,7 @@ def _phase_summary(number: int, group: list[Dataset]) -> dict[str, object]:
         "slices": sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in group),
         "acquisition_number": int(next(iter(acquisition))) if len(acquisition) == 1 and None not in acquisition
         else None,
-        "time": (f"{int(start // 3600):02d}:{int(start % 3600 // 60):02d}:{int(start % 60):02d}"
+        "time": (f"{int(start % 86400 // 3600):02d}:{int(start % 3600 // 60):02d}:{int(start % 60):02d}"
                  if start != float("inf") else None),
     }
 
