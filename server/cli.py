@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     from models.backends import EngineUnavailable
     from models.bundle import BundleError
+    from models import logs
     from server.app import create_app
+    from server.dicomnode.listener import UnsupportedPynetdicom, check_pynetdicom
     from server.core.settings import Settings
     from server.inference.engine import discover_bundles, engines_from_settings
     from server.jobs.lock import StorageLock, StorageLocked
@@ -36,13 +38,17 @@ def run(args: argparse.Namespace) -> int:
             raise BundleError(f"no model bundle found in {', '.join(map(str, settings.bundle_dirs))} (CTSEG_BUNDLE_DIRS)")
         # checksums, manifests, engine and precision: before the server binds its port
         engines_from_settings(settings)
+        if settings.dicom_port is not None:
+            check_pynetdicom()  # the listener's receive-to-disk needs the pynetdicom it was written for
         lock = StorageLock(settings.storage_dir).acquire()  # one service per storage folder
-    except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError) as err:
+    except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError, UnsupportedPynetdicom) as err:
         log.error("%s", err)
         return 2
+    # every log line through the redacting formatter (models/logs.py), uvicorn's own included (no log_config)
+    logs.install(settings.log_level.upper(), messages=settings.log_exception_messages)
     # uvicorn's access log prints the path with its query string (``?series_uid=``): the app writes its own
     # (server/app.py RequestObserver), by route template.
     logging.getLogger("ctseg.access").setLevel(settings.log_level.upper())
     uvicorn.run(create_app(settings, lock=lock), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+                log_level=settings.log_level.lower(), access_log=False, log_config=None)
     return 0

@@ -1,7 +1,8 @@
 """Trust and memory on the DICOM port, with a real ``ctseg serve`` and real senders (pynetdicom in a subprocess,
 bound to a chosen loopback address): a calling AE title claimed from another address gets no SEG back; an SR and a
-presentation state beside the CT are accepted and dropped; an instance over the size cap is refused with its status;
-a deflate bomb sent by C-STORE leaves the API process small."""
+presentation state beside the CT are accepted and dropped; an instance over the size cap aborts its association;
+a deflate bomb sent by C-STORE, a 200 MB C-FIND identifier and a 200 MB PDU leave the API process small; an instance
+is received into receiving/; a series partly from an unverified association gets no SEG back; peer allow-list."""
 
 from __future__ import annotations
 
@@ -138,7 +139,9 @@ def test_an_sr_and_a_presentation_state_beside_the_ct_are_dropped_and_the_ct_run
         server.kill()
 
 
-def test_an_instance_over_the_size_cap_is_refused_with_its_status(intensity_bundle, tmp_path):
+def test_an_instance_over_the_size_cap_aborts_its_association_and_leaves_nothing(intensity_bundle, tmp_path):
+    """Aborted as it passes the cap: a capped file stops changing, and the sweep of receiving/ would remove it while
+    the peer still sends (the answer would then be 0xA700, not 0xA701)."""
     server = node(intensity_bundle, tmp_path, None, CTSEG_DICOM_MAX_INSTANCE_MB="1")
     small, big = ct_series()[:2]
     big.Rows = big.Columns = 1024  # 2 MB of pixels: over the 1 MB cap
@@ -146,11 +149,11 @@ def test_an_instance_over_the_size_cap_is_refused_with_its_status(intensity_bund
     try:
         server.start()
         answer = send(server.dicom_port, write_files([small, big], tmp_path / "two"))
-        assert answer == {"aborted": False, "statuses": [0x0000, 0xA701]}  # Refused: Out of Resources, ctseg's code
+        assert answer == {"aborted": False, "statuses": [0x0000, None]}  # no answer to the big one: aborted
         incoming = list((tmp_path / "storage" / "incoming").rglob("*.dcm"))
         assert len(incoming) == 1 and incoming[0].stat().st_size < 2**20  # only the small one is kept
-        assert not list((tmp_path / "storage" / "receiving").iterdir())
-        assert "over CTSEG_DICOM_MAX_INSTANCE_MB (1 MB)" in server.log.read_text()
+        wait_for(lambda: not list((tmp_path / "storage" / "receiving").iterdir()), 10, 0.2, "the partial file removed")
+        assert "aborted: an instance over CTSEG_DICOM_MAX_INSTANCE_MB (1 MB)" in server.log.read_text()
     finally:
         server.kill()
 
@@ -195,5 +198,170 @@ def test_a_deflate_bomb_by_c_store_leaves_the_api_process_small_and_serving(inte
         assert not list((tmp_path / "storage" / "incoming").rglob("*.dcm"))
         assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
         assert (vm_hwm_kb(server.proc.pid) - before) / 1024 < 100
+    finally:
+        server.kill()
+
+
+# Messages no C-STORE sender sends, from one association (pynetdicom's own encoder, so the PDUs are well formed):
+#   find SIZE_MB: a C-FIND-RQ with a SIZE_MB identifier on the Verification context, fragmented to the offered PDU;
+#   pdu SIZE_MB: one P-DATA-TF PDU declaring SIZE_MB, streamed;
+#   hold FILE: a C-STORE of FILE that pauses 3 s after its command and first data fragment (prints "holding").
+# Prints {"established": bool, "aborted": bool} (aborted: by the peer, or the connection cut).
+RAW_SENDER = """
+import json, socket, struct, sys, time
+from io import BytesIO
+from pathlib import Path
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import Verification, StudyRootQueryRetrieveInformationModelFind
+mode, port, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ae = AE(ae_title="MODALITY")
+ae.add_requested_context(Verification)
+if mode == "hold":
+    meta = read_file_meta_info(arg)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+assoc = ae.associate("127.0.0.1", port, ae_title="CTSEG")
+if not assoc.is_established:
+    print(json.dumps({"established": False, "aborted": assoc.is_aborted}))
+    sys.exit(0)
+status = None
+try:
+    if mode == "find":
+        req = C_FIND()
+        req.MessageID, req.Priority = 1, 2
+        req.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+        req.Identifier = BytesIO(bytes(int(arg) << 20))
+        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+    elif mode == "pdu":
+        raw = assoc.dul.socket.socket
+        raw.sendall(struct.pack(">BBL", 4, 0, int(arg) << 20))
+        chunk = bytes(1 << 20)
+        for _ in range(int(arg)):
+            raw.sendall(chunk)
+    else:
+        send_pdu, sent = assoc.dul.send_pdu, []
+        def pausing(primitive):
+            send_pdu(primitive)
+            if isinstance(primitive, P_DATA):
+                sent.append(1)
+                if len(sent) == 2:
+                    print("holding", flush=True)
+                    time.sleep(3)
+        assoc.dul.send_pdu = pausing
+        answer = assoc.send_c_store(Path(arg))
+        status = int(answer.Status) if "Status" in answer else None
+except OSError:
+    pass
+deadline = time.monotonic() + 60
+while mode != "hold" and assoc.is_alive() and not assoc.is_aborted and time.monotonic() < deadline:
+    time.sleep(0.1)
+aborted = assoc.is_aborted or not assoc.is_alive()
+if not aborted:
+    assoc.release()
+print(json.dumps({"established": True, "aborted": aborted, "status": status}))
+"""
+
+
+def raw_send(mode: str, port: int, arg: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", RAW_SENDER, mode, str(port), arg], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_200_mb_c_find_identifier_or_pdu_aborts_its_association_and_leaves_the_api_process_small(
+        intensity_bundle, tmp_path):
+    server = node(intensity_bundle, tmp_path, None)
+    try:
+        server.start()
+        before = vm_hwm_kb(server.proc.pid)
+        for mode in ("find", "pdu"):
+            answer = raw_send(mode, server.dicom_port, "200")
+            grew_mb = (vm_hwm_kb(server.proc.pid) - before) / 1024
+            assert grew_mb < 100, f"the API process peaked {grew_mb:.0f} MB higher on a 200 MB {mode}"
+            assert answer["established"] and answer["aborted"], (mode, answer)
+        log = server.log.read_text()
+        assert "aborted: data sets of messages other than C-STORE over 1 MiB" in log
+        assert "aborted: a PDU of 209715200 bytes" in log
+        assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
+        ct = ct_series()
+        assert send(server.dicom_port, write_files(ct, tmp_path / "after")) == {"aborted": False,
+                                                                                "statuses": [0] * len(ct)}
+        assert one_job(server)["state"] == "succeeded"
+    finally:
+        server.kill()
+
+
+def test_an_instance_is_received_into_storage_receiving_as_it_arrives(intensity_bundle, tmp_path):
+    """The receive-to-disk patch of pynetdicom at work: were it to stop working (a pynetdicom release renaming what
+    it patches), the instance would be held in memory, or written to the default temp folder."""
+    server = node(intensity_bundle, tmp_path, None)
+    ct = ct_series()[0]
+    ct.Rows = ct.Columns = 1024  # 2 MB: three PDUs of the 1 MB offered
+    ct.PixelData = np.zeros((1024, 1024), np.int16).tobytes()
+    (file,) = write_files([ct], tmp_path / "one")
+    receiving = tmp_path / "storage" / "receiving"
+    try:
+        server.start()
+        sender = subprocess.Popen([sys.executable, "-c", RAW_SENDER, "hold", str(server.dicom_port), str(file)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert sender.stdout is not None
+        assert sender.stdout.readline().strip() == "holding"
+        partial = wait_for(lambda: [p for p in receiving.iterdir() if p.stat().st_size > 2**20 // 2], 2.5, 0.05,
+                           "half the instance in receiving/ while the sender holds")
+        assert len(partial) == 1 and partial[0].stat().st_size < ct.Rows * ct.Columns * 2
+        out, _ = sender.communicate(timeout=60)
+        assert json.loads(out.strip().splitlines()[-1]) == {"established": True, "aborted": False, "status": 0}
+        assert len(list((tmp_path / "storage" / "incoming").rglob("*.dcm"))) == 1
+        assert not list(receiving.iterdir())
+    finally:
+        server.kill()
+
+
+def test_a_series_partly_from_an_unverified_association_gets_no_seg_back_to_the_sender(intensity_bundle, tmp_path):
+    """The verified sender is kept only while every instance came from it: here the last association is the real
+    destination's, the first one claimed its AE title from another address."""
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    server = node(intensity_bundle, tmp_path, None, CTSEG_DESTINATIONS=json.dumps([dimse_destination("pacs", orthanc)]),
+                  CTSEG_DICOM_STABLE_SECONDS="4")
+    ct = ct_series()
+    files = write_files(ct, tmp_path / "series")
+    try:
+        server.start()
+        assert send(server.dicom_port, files[:15], Orthanc.AE_TITLE, "127.0.0.2")["statuses"] == [0] * 15
+        assert send(server.dicom_port, files[15:], Orthanc.AE_TITLE, "127.0.0.1")["statuses"] == [0] * 15
+        job = one_job(server)
+        assert job["state"] == "succeeded" and job["input"]["files"] == len(ct), job
+        assert job["destinations"] == [] and job["deliveries"] == [], job
+        assert seg_instances_in(orthanc, ct[0].StudyInstanceUID) == []
+    finally:
+        server.kill()
+        orthanc.stop()
+
+
+ECHO = """
+import sys
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+ae = AE(ae_title="MODALITY")
+ae.add_requested_context(Verification)
+assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="CTSEG", bind_address=(sys.argv[2], 0))
+print("rejected" if assoc.is_rejected else "established" if assoc.is_established else "other")
+if assoc.is_established:
+    assoc.release()
+"""
+
+
+def test_allowed_peers_reject_an_association_from_another_address(intensity_bundle, tmp_path):
+    server = node(intensity_bundle, tmp_path, None, CTSEG_DICOM_ALLOWED_PEERS="127.0.0.1/32, 10.0.0.0/8")
+    try:
+        server.start()
+        answers = {bind: subprocess.run([sys.executable, "-c", ECHO, str(server.dicom_port), bind], check=True,
+                                        capture_output=True, text=True, timeout=60).stdout.strip()
+                   for bind in ("127.0.0.2", "127.0.0.1")}
+        assert answers == {"127.0.0.2": "rejected", "127.0.0.1": "established"}
+        assert "DICOM association from 127.0.0.2 rejected: not in CTSEG_DICOM_ALLOWED_PEERS" in server.log.read_text()
     finally:
         server.kill()

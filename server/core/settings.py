@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -132,8 +133,23 @@ class Settings(BaseSettings):
                                      "accept any calling AE title (a warning at start-up while DIMSE destinations "
                                      "exist); false: that is a start-up error")
     dicom_max_instance_mb: int = Field(1024, ge=1, description="largest instance the listener takes (a whole Enhanced "
-                                       "CT volume of 2000 512x512 slices is 1 GB); larger ones are refused "
-                                       "(0xA701, Out of Resources) and at most this much of one is written to disk")
+                                       "CT volume of 2000 512x512 slices is 1 GB); a larger one aborts its "
+                                       "association and at most this much of one is written to disk")
+    dicom_allowed_peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="peer addresses (IPs or CIDRs, comma-separated) the DICOM listener accepts "
+        "associations from; others are rejected at association; empty: any")
+
+    @field_validator("dicom_allowed_peers", mode="before")
+    @classmethod
+    def _peer_networks(cls, value: object) -> object:
+        """One spelling per network (``10.0.0.5`` is ``10.0.0.5/32``); a malformed entry is a start-up error."""
+        items = value.replace(";", ",").split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        try:
+            return [str(ipaddress.ip_network(str(v).strip(), strict=False)) for v in items if str(v).strip()]
+        except ValueError as err:
+            raise ValueError(f"CTSEG_DICOM_ALLOWED_PEERS: {err}") from None
 
     @model_validator(mode="after")
     def _dicom_trust(self) -> Settings:

@@ -107,7 +107,7 @@ class ArrivedSeries:
     job_id: str | None  # the job made of it last time (superseded by the next one)
     complete: bool  # no instance's last delivery came through an aborted association
     busy: bool  # an open association carried it
-    sender: str | None = None  # the DIMSE destination its last instance came from (AE title and address checked)
+    sender: str | None = None  # the DIMSE destination all its instances came from (AE title and address checked)
 
 
 def _move(source: Path, target: Path) -> None:
@@ -197,7 +197,8 @@ class ArrivalStore:
     def store_instance(self, assoc_id: str, calling_ae_title: str, header: InstanceHeader, received: Path,
                        sender: str | None = None) -> None:
         """Move the received file (``receiving/``) into place durably, then record it: the caller answers success
-        only after this returns."""
+        only after this returns. A series keeps a verified ``sender`` only while every instance of it came from that
+        one sender: one instance from an unverified association (or another sender) clears it for good."""
         with self._series_lock:
             self._store_instance(assoc_id, calling_ae_title, header, received, sender)
 
@@ -220,7 +221,7 @@ class ArrivalStore:
                 "INSERT INTO incoming (series_uid, study_uid, calling_ae_title, modality, description, instances, "
                 "frames, first_received, last_received, sender) VALUES (?,?,?,?,?,0,0,?,?,?) ON CONFLICT(series_uid) "
                 "DO UPDATE SET last_received = excluded.last_received, calling_ae_title = excluded.calling_ae_title, "
-                "sender = excluded.sender",
+                "sender = CASE WHEN incoming.sender IS excluded.sender THEN incoming.sender END",
                 (header.series_uid, header.study_uid, calling_ae_title, header.modality, header.description, now, now,
                  sender))
             db.execute("UPDATE incoming SET instances = (SELECT COUNT(*) FROM arrival_instances WHERE series_uid = ?), "

@@ -4,11 +4,14 @@ Accepted: Verification (C-ECHO) and the CT image classes the reader reads (serve
 transfer syntax it decodes, so a PACS need not transcode. Every other storage class is accepted too and its
 instances dropped with success (a study forwarded with an SR, a presentation state or a dose report beside the CT
 would otherwise have those contexts refused, and a sender that aborts on that leaves the CT series cut off). The
-called AE title must be ours; calling AE titles can be limited (``CTSEG_DICOM_ALLOWED_AE_TITLES``), and others are
-rejected at association.
+called AE title must be ours; calling AE titles (``CTSEG_DICOM_ALLOWED_AE_TITLES``) and peer addresses
+(``CTSEG_DICOM_ALLOWED_PEERS``) can be limited, and others are rejected at association.
 
 A data set is written to disk by pynetdicom as it arrives (never held in memory), at most
-``CTSEG_DICOM_MAX_INSTANCE_MB`` of it: a larger one is refused (``StoreStatus.INSTANCE_TOO_LARGE``). Only its header
+``CTSEG_DICOM_MAX_INSTANCE_MB`` of it: past that its association is aborted (a capped file would otherwise stop
+changing and be swept while the peer still sends). Everything else a peer sends is held in memory by pynetdicom, so
+it is bounded per association (``_Budget``): a PDU over what senders are offered, a command set over
+``MAX_COMMAND``, data sets of other messages (C-FIND identifiers...) over ``MAX_OTHER_DATA``: aborted. Only its header
 is read; the file is moved into the arrival store, fsynced, and recorded with the association that brought it
 before its success status goes back (server/dicomnode/arrivals.py); a full disk or a database that cannot be
 written answers Out of Resources, so the sender keeps the instance and retries.
@@ -25,6 +28,7 @@ Stopping the listener aborts the associations still running (their senders retry
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import sqlite3
@@ -35,9 +39,11 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
@@ -47,6 +53,7 @@ from pynetdicom import (
     dimse_messages,
     evt,
 )
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import Verification
 
 from server.core.errors import InputError, storage_full
@@ -65,6 +72,11 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_PDU = 1 << 20  # what senders are told to send per PDU: each one is held whole while it is read
 RERESOLVE_S = 60.0  # a destination's host name is looked up again at most this often (a peer it moved to)
 RECEIVING_IDLE_S = 600.0  # a file in receiving/ not written to for this long was left by a cut-off association
+MAX_RECV_PDU = MAX_PDU + (64 << 10)  # a PDU longer than this is not read (pynetdicom reads each one whole)
+MAX_COMMAND = 64 << 10  # command set bytes of one DIMSE message (a real one is a few hundred)
+MAX_OTHER_DATA = 1 << 20  # data set bytes of messages other than a C-STORE (only C-ECHO is served: none is needed)
+C_STORE_RQ = 0x0001
+PYNETDICOM_TESTED = ((3, 0), (3, 1))  # [from, to): the receive-to-disk patch below is written for these releases
 
 DueFn = Callable[[ArrivedSeries, Route | None], None]
 CutOffFn = Callable[[ArrivedSeries], None]
@@ -157,10 +169,88 @@ def _received_file(*args: Any, **kwargs: Any) -> Any:
     return _CappedFile(inner, inner.name, cap)
 
 
+class UnsupportedPynetdicom(RuntimeError):
+    """The installed pynetdicom is not one the listener's receive-to-disk was written for."""
+
+
+def check_pynetdicom() -> None:
+    """The receive-to-disk patch relies on two pynetdicom internals: if a release renamed them, instances would be
+    held whole in memory or written uncapped to the default temp folder, silently; refuse to start instead."""
+    version = tuple(int(p) for p in re.findall(r"\d+", pynetdicom.__version__)[:2])
+    (low, high) = PYNETDICOM_TESTED
+    missing = [name for name, there in (
+        ("pynetdicom.dimse_messages.NamedTemporaryFile", hasattr(dimse_messages, "NamedTemporaryFile")),
+        ("pynetdicom._config.STORE_RECV_CHUNKED_DATASET", hasattr(_config, "STORE_RECV_CHUNKED_DATASET")),
+    ) if not there]
+    if missing or not low <= version < high:
+        raise UnsupportedPynetdicom(
+            f"the DICOM listener cannot receive to disk with pynetdicom {pynetdicom.__version__} (written for "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}; missing: {', '.join(missing) or 'none'}): install a pynetdicom "
+            "of that range (pyproject.toml) or unset CTSEG_DICOM_PORT")
+
+
 def _receive_to_disk(ae: AE, folder: Path, cap: int) -> None:
+    check_pynetdicom()
     _RECEIVERS[ae] = (folder, cap)
     _config.STORE_RECV_CHUNKED_DATASET = _ListenerThreadsOnly()  # type: ignore[assignment]
     dimse_messages.NamedTemporaryFile = _received_file  # type: ignore[attr-defined]
+
+
+class _Budget:
+    """What one association has made pynetdicom hold in memory, counted from its PDUs (``EVT_PDU_RECV``, fired in
+    the DUL thread after a PDU is read and before DIMSE decodes it, so an abort here comes before more is kept):
+    command bytes of the current message, data set bytes of messages not written to disk (any but a C-STORE), and
+    the data set bytes of the C-STORE being written (past the instance cap the association is aborted)."""
+
+    def __init__(self, store_cap: int) -> None:
+        self.store_cap = store_cap
+        self.command = bytearray()
+        self.store: bool | None = None  # the current message: a C-STORE-RQ (on disk), another one, or not known yet
+        self.stored = 0  # data set bytes of the current C-STORE
+        self.other = 0  # data set bytes of other messages, over the association
+
+    def over(self, pdu: Any) -> str | None:
+        """Count one P-DATA-TF PDU; the reason to abort, or None."""
+        for item in getattr(pdu, "presentation_data_value_items", ()):  # only a P-DATA-TF has them
+            data = item.presentation_data_value or b"\x00"  # the message control header, then the fragment
+            header, size = data[0], len(data) - 1
+            if header & 1:  # a command fragment
+                if len(self.command) + size > MAX_COMMAND:
+                    return f"a command set over {MAX_COMMAND >> 10} KiB"
+                self.command += data[1:]
+                if header & 2:  # the last one: which message it is
+                    self.store = self._is_store()
+                    self.command.clear()
+                    self.stored = 0
+                continue
+            if self.store:
+                self.stored += size
+                if self.stored > self.store_cap:
+                    return f"an instance over CTSEG_DICOM_MAX_INSTANCE_MB ({self.store_cap >> 20} MB)"
+            else:
+                self.other += size
+                if self.other > MAX_OTHER_DATA:
+                    return f"data sets of messages other than C-STORE over {MAX_OTHER_DATA >> 20} MiB"
+            if header & 2:
+                self.store = None
+        return None
+
+    def _is_store(self) -> bool:
+        try:
+            return int(decode(BytesIO(bytes(self.command)), True, True).CommandField) == C_STORE_RQ
+        except Exception:  # not decodable: pynetdicom ends the association; counted as held meanwhile
+            return False
+
+
+def _bounded_recv(recv: Callable[[int], bytearray]) -> Callable[[int], bytearray]:
+    """pynetdicom reads a PDU of any declared length whole before any event fires: longer than senders are offered,
+    nothing of it is read (the short read closes the association)."""
+    def bounded(nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_RECV_PDU:
+            log.warning("DICOM association aborted: a PDU of %d bytes (at most %d are read)", nr_bytes, MAX_RECV_PDU)
+            return bytearray()
+        return recv(nr_bytes)
+    return bounded
 
 
 class Senders:
@@ -214,6 +304,8 @@ class DicomListener:
         self._refused: set[int] = set()  # associations with a C-STORE answered Out of Resources
         self._senders: dict[int, str | None] = {}  # association -> the destination it verifiably comes from
         self._dropped: dict[int, Counter[str]] = {}  # association -> instances dropped per SOP class name
+        self._budgets: dict[int, _Budget] = {}  # association -> what it has made pynetdicom hold
+        self._peers = [ipaddress.ip_network(p) for p in settings.dicom_allowed_peers]
         self._ct_classes = frozenset(str(c) for c in CT_IMAGE_STORAGE)
         self._max_bytes = settings.dicom_max_instance_mb * 2**20
         self._verify = Senders(settings.destinations)
@@ -243,6 +335,8 @@ class DicomListener:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         _receive_to_disk(ae, self.arrivals.receiving, self._max_bytes)
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -251,9 +345,10 @@ class DicomListener:
         self._server = ae.start_server((host, s.dicom_port), block=False, evt_handlers=handlers)
         self._router = threading.Thread(target=self._route_loop, name="ctseg-dicom-router", daemon=True)
         self._router.start()
-        log.info("DICOM listener %s on %s:%d (%s)", s.dicom_ae_title, host, s.dicom_port,
+        log.info("DICOM listener %s on %s:%d (%s; %s)", s.dicom_ae_title, host, s.dicom_port,
                  "calling AE titles " + ", ".join(s.dicom_allowed_ae_titles) if s.dicom_allowed_ae_titles
-                 else "any calling AE title")
+                 else "any calling AE title",
+                 "peers " + ", ".join(s.dicom_allowed_peers) if s.dicom_allowed_peers else "any peer address")
         if not s.dicom_allowed_ae_titles and self._verify.nodes:
             log.warning("the DICOM listener accepts any calling AE title while DIMSE destinations are configured: "
                         "whoever reaches port %d has series run and their SEGs sent to the default destinations; "
@@ -305,6 +400,49 @@ class DicomListener:
                         "address: no SEG goes back to it", ", ".join(map(repr, claimed)), peer or "an unknown address")
         return sender
 
+    def _peer(self, event: evt.Event) -> str:
+        try:
+            return normal_address(str(event.assoc.requestor.address))
+        except ValueError:
+            return ""
+
+    def _on_opened(self, event: evt.Event) -> None:
+        """Bound the length of each PDU read (runs before the association's threads start)."""
+        sock = event.assoc.dul.socket
+        sock.recv = _bounded_recv(sock.recv)
+        with self._lock:
+            self._budgets[id(event.assoc)] = _Budget(self._max_bytes)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """``CTSEG_DICOM_ALLOWED_PEERS``: another address is rejected as an unknown calling AE title is."""
+        if not self._peers:
+            return
+        peer = self._peer(event)
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            address = None
+        if address is not None and any(address in net for net in self._peers if net.version == address.version):
+            return
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognised
+        self.metrics.dicom_associations.labels("rejected").inc()
+        log.warning("DICOM association from %s rejected: not in CTSEG_DICOM_ALLOWED_PEERS", peer or "an unknown address")
+        event.assoc.kill()
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        """Abort an association past what it may make this process hold (``_Budget``)."""
+        with self._lock:
+            budget = self._budgets.get(id(event.assoc))
+        if budget is None or event.assoc.is_aborted:
+            return
+        try:
+            why = budget.over(event.pdu)
+        except Exception as err:  # pynetdicom would swallow it and the bound would be gone: fail closed
+            why = f"its PDU could not be counted ({type(err).__name__})"
+        if why is not None:
+            log.warning("DICOM association from %r aborted: %s", self._calling(event), why)
+            event.assoc.abort()  # in an event handler: queued, sent before the next PDU is read
+
     def _on_accepted(self, event: evt.Event) -> None:
         self.metrics.dicom_associations.labels("accepted").inc()
         try:
@@ -324,7 +462,23 @@ class DicomListener:
     def _on_aborted(self, event: evt.Event) -> None:
         self.metrics.dicom_associations.labels("aborted").inc()
 
+    @staticmethod
+    def _remove_unfinished(event: evt.Event) -> None:
+        """The file of an instance its association ended in the middle of (an abort: the peer's or ours)."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        unfinished = getattr(message, "_data_set_file", None)
+        if unfinished is None:
+            return
+        name = str(unfinished.name)
+        try:
+            unfinished.close()
+            Path(name).unlink(missing_ok=True)
+        except OSError:
+            pass  # the sweep of receiving/ removes it
+        _UNWRITTEN.pop(name, None)
+
     def _on_closed(self, event: evt.Event) -> None:
+        self._remove_unfinished(event)
         key = id(event.assoc)
         with self._lock:
             assoc_id = self._assoc_ids.pop(key, None)
@@ -333,6 +487,7 @@ class DicomListener:
             self._released.discard(key)
             self._refused.discard(key)
             self._senders.pop(key, None)
+            self._budgets.pop(key, None)
             dropped = self._dropped.pop(key, None)
         if dropped:
             log.info("DICOM association from %r: dropped %s (not CT images, not run)", self._calling(event),
@@ -351,17 +506,26 @@ class DicomListener:
             log.warning("DICOM association from %r ended without release after carrying %d series; they wait to be "
                         "sent again complete", self._calling(event), len(carried))
 
-    def _received(self, event: evt.Event) -> Path:
-        """The file pynetdicom wrote the data set to (a data set it kept in memory is written to one)."""
+    def _received(self, event: evt.Event) -> Path | None:
+        """The file pynetdicom wrote the data set to, in ``receiving/``; None if it did not (the patch no longer
+        works): the instance is refused rather than held in memory."""
         try:
             path = event.dataset_path
         except AttributeError:
             path = None
-        if isinstance(path, Path):
+        if isinstance(path, Path) and path.parent.resolve() == self.arrivals.receiving.resolve():
             return path
-        with tempfile.NamedTemporaryFile(dir=self.arrivals.receiving, suffix=".dcm", delete=False) as f:
-            f.write(event.encoded_dataset())
-        return Path(f.name)
+        log.error("C-STORE answered Out of Resources: pynetdicom did not write the data set to receiving/ (the "
+                  "pynetdicom receive-to-disk patch in server/dicomnode/listener.py does not work with this release)")
+        return None
+
+    @staticmethod
+    def _forget(event: evt.Event) -> None:
+        """A dropped instance's file: no write failure of it is kept (pynetdicom removes the file)."""
+        try:
+            _UNWRITTEN.pop(str(event.dataset_path), None)
+        except AttributeError:
+            pass
 
     def _refuse(self, event: evt.Event) -> None:
         with self._lock:
@@ -372,9 +536,13 @@ class DicomListener:
         if sop_class not in self._ct_classes:  # an SR, a presentation state, a dose report... beside the CT
             with self._lock:
                 self._dropped.setdefault(id(event.assoc), Counter())[UID(sop_class).name] += 1
+            self._forget(event)
             return StoreStatus.SUCCESS
+        received = self._received(event)
+        if received is None:
+            self._refuse(event)
+            return StoreStatus.OUT_OF_RESOURCES
         try:
-            received = self._received(event)
             unwritten = _UNWRITTEN.pop(str(received), None)
             if unwritten is not None:
                 raise unwritten
