@@ -514,10 +514,10 @@ class SegmentationService:
         self.metrics.queue_depth.set(self.store.active())
         self.outbox.wake()
 
-    def _lost(self, claim: Claim, exit_code: int | None) -> None:
-        """The worker process holding a run died: the run goes back to the queue (up to the attempt limit)."""
-        how = "killed (out of memory?)" if exit_code == -9 else f"exit code {exit_code}"
-        requeued = self.store.release(claim, f"the worker process running it stopped ({how})",
+    def _lost(self, claim: Claim, cause: str) -> None:
+        """The worker process holding a run died: the run goes back to the queue (up to the attempt limit). An
+        out-of-memory death was failed already (not run again), so this changes nothing for it."""
+        requeued = self.store.release(claim, f"the worker process running it stopped ({cause})",
                                       self.settings.job_max_attempts)
         if requeued is not None:  # the run still held the job: what it wrote does not count
             self._count_requeue(requeued, "worker")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import time
 
 import pytest
 
 from common import wait_for
+from server.jobs.sqlite_store import DB_NAME
 from phantoms import make_phantom
 from test_api import nifti_bytes, phantom, post
 from test_api_errors import make_client
@@ -86,3 +89,61 @@ def test_a_crash_loop_stops_restarts_and_submissions_get_503(intensity_bundle, t
         r = post(c, [("ct.nii.gz", nifti_bytes(image))])
         assert r.status_code == 503 and "no worker can run jobs" in r.json()["detail"]
         assert r.headers["Retry-After"] == "30"
+
+
+def trip_the_breaker(workers) -> None:  # type: ignore[no-untyped-def]
+    """Six deaths within a minute, each worker killed as soon as it is spawned (a crash loop at start-up)."""
+    for _ in range(6):
+        pid = wait_for(lambda: workers.pids() and workers.pids()[0], 30, 0.01, "a worker process")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda dead=pid: dead not in workers.pids(), 30, 0.01, "the killed worker noticed")
+    assert workers.degraded and "not restarting for 1 s" in workers.degraded, workers.degraded
+
+
+def test_a_worker_tried_after_the_back_off_that_hangs_is_killed_and_the_breaker_opens_for_longer(
+        intensity_bundle, tmp_path):
+    with make_client(intensity_bundle, tmp_path, worker_restart_backoff_s=1) as c:
+        workers = c.app.state.service.queue
+        trip_the_breaker(workers)
+        workers.start_timeout_s = 3.0  # the tried worker's start-up deadline
+        probe = wait_for(lambda: workers.pids() and workers.pids()[0], 30, 0.01, "the worker tried after 1 s")
+        os.kill(probe, signal.SIGSTOP)  # hung: it never says it is ready
+        try:
+            text = wait_for(lambda: "not restarting for 2 s" in (workers.degraded or "") and workers.degraded, 20,
+                            0.05, "the hung worker given up, the breaker open for longer")
+        finally:
+            if os.path.exists(f"/proc/{probe}"):  # left stopped, it would hold up the exit of this process
+                os.kill(probe, signal.SIGKILL)
+        assert "stopped within a minute" in text
+        workers.start_timeout_s = 300.0
+        assert not os.path.exists(f"/proc/{probe}")  # killed and reaped, not left stopped
+        wait_for(lambda: workers.healthy and c.get("/readyz").status_code == 200, 60, 0.1, "the breaker closed")
+        assert probe not in workers.pids()
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 200 and r.json()["state"] == "succeeded"
+
+
+def test_the_monitor_survives_a_locked_database_when_a_worker_dies(intensity_bundle, tmp_path):
+    """The end of a dead worker's run cannot be written while another connection holds the write lock: it is
+    written once the lock is gone, and the workers are still watched (jobs dispatched, workers replaced)."""
+    big, _ = make_phantom((160, 160, 120), (1.0, 1.0, 1.0), "axial", seed=0, noise=3.0)
+    with make_client(intensity_bundle, tmp_path, sw_overlap=0.75, job_max_attempts=1, db_busy_timeout_s=0.2,
+                     db_patience_s=0.5) as c:
+        workers = c.app.state.service.queue
+        location = c.post("/v1/segmentations", files=[("files", ("ct.nii.gz", nifti_bytes(big)))]).headers["Location"]
+        wait_for(lambda: c.get(location).json()["state"] == "running")
+        (pid, _), = workers.running().items()
+        holder = sqlite3.connect(tmp_path / "storage" / DB_NAME, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the service cannot write: giving the run back fails (StoreBusy)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(2.0)  # past the store's patience: the write failed in the thread that watches the workers
+        holder.execute("COMMIT")
+        holder.close()
+        job = wait_for(lambda: (j := c.get(location).json())["state"] == "failed" and j, 20, 0.1,
+                       "the run given back once the lock is gone (well before its lease ran out)")
+        assert job["error_kind"] == "interrupted" and "worker process running it stopped (killed" in job["error"]
+        wait_for(lambda: workers.healthy and pid not in workers.pids(), 60, 0.1, "the worker replaced")
+        image, _ = phantom()
+        r = post(c, [("ct.nii.gz", nifti_bytes(image))])
+        assert r.status_code == 200 and r.json()["state"] == "succeeded"

@@ -9,7 +9,11 @@ says which deaths did) fails its job at once, naming it: a second run would need
 Worker deaths go through a circuit breaker: more than 5 within a minute (a crash loop, an out-of-memory storm)
 open it, and no worker is started for ``worker_restart_backoff_s``, doubled each time it opens again within a
 minute of closing (up to ``worker_restart_backoff_max_s``); then one worker is tried (half-open), and the breaker
-closes when that worker is ready. The service never stays without workers until someone restarts it.
+closes when that worker is ready. A tried worker that dies, or is not ready within ``start_timeout_s`` (it is
+killed), opens it again for longer. Closing clears the count of deaths: a storm is judged afresh. The service never
+stays without workers until someone restarts it, and the thread that watches the workers survives any error of one
+round (a locked database included): what a dead worker's run still needs is retried, else the lease sweeper
+(server/service.py) gives the run back when its lease runs out.
 
 Workers die with the service: each watches its parent and exits the moment the parent is gone (a SIGKILL of the
 API process included), so an orphan never finishes a job that the restarted service runs again; and were one to
@@ -204,14 +208,15 @@ class ProcessWorkers:
         self._trips = 0  # times the breaker opened since it last stayed closed a minute: the back-off's exponent
         self._open_until: float | None = None  # monotonic time of the next try while open
         self._probe: _Worker | None = None  # the worker tried while half-open
+        self._probe_deadline = 0.0  # monotonic time by which it must be ready, or it is killed
         self._closed_at = float("-inf")
         self._backoff = 0.0
         self._oom = OomCounter.find()
         self._oom_seen = self._oom.read()
-        self._oom_credit = 0  # OOM kills counted by the kernel and not yet matched with a worker's death
         self._sampled = 0.0
         self._store: SqliteJobStore | None = None  # for failing the run of a worker that ran out of memory
         self._files = JobFiles(settings.storage_dir)
+        self._unsettled: list[tuple[Claim, Death, float]] = []  # dead workers' runs whose store writes failed
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -264,19 +269,29 @@ class ProcessWorkers:
                     pass
 
     def _watch(self) -> None:
+        """The one thread that dispatches, replaces and probes: an error in one round is logged and the next round
+        goes on (were this thread to end, no job would be dispatched again and no worker replaced)."""
         while not self._stopping:
-            with self._lock:
-                workers = list(self._workers)
-            by_conn = {w.conn: w for w in workers}
-            for ready in mpc.wait([*by_conn, *(w.process.sentinel for w in workers)], timeout=1.0):
-                worker = by_conn.get(ready)  # type: ignore[call-overload]
-                if worker is not None:
-                    self._receive(worker)
-            for worker in workers:
-                if not worker.process.is_alive() and not self._stopping:
-                    self._replace(worker)
-            self._sample_memory(workers)
-            self._half_open()
+            try:
+                self._watch_once()
+            except Exception:
+                log.exception("watching the worker processes failed; trying again")
+                time.sleep(1.0)
+
+    def _watch_once(self) -> None:
+        with self._lock:
+            workers = list(self._workers)
+        by_conn = {w.conn: w for w in workers}
+        for ready in mpc.wait([*by_conn, *(w.process.sentinel for w in workers)], timeout=1.0):
+            worker = by_conn.get(ready)  # type: ignore[call-overload]
+            if worker is not None:
+                self._receive(worker)
+        for worker in workers:
+            if not worker.process.is_alive() and not self._stopping:
+                self._replace(worker)
+        self._sample_memory(workers)
+        self._half_open()
+        self._settle_again()
 
     def _sample_memory(self, workers: list[_Worker]) -> None:
         now = time.monotonic()
@@ -290,6 +305,26 @@ class ProcessWorkers:
     def _half_open(self) -> None:
         """After the back-off: one worker is tried; its being ready closes the breaker (``_receive``)."""
         with self._lock:
+            if self._stopping:
+                return
+            probe = self._probe
+            if probe is not None and not probe.ready and time.monotonic() > self._probe_deadline:
+                self._workers.remove(probe)  # not ready in time (hung): it counts as a death of the tried worker
+                self._deaths.append(time.monotonic())
+                self._trip(time.monotonic())
+                self._refresh()
+            elif self._open_until is None:
+                return
+            else:
+                probe = None
+        if probe is not None:
+            log.error("the worker process tried after the back-off was not ready within %.0f s: killed",
+                      self.start_timeout_s)
+            probe.process.kill()  # SIGKILL: a stopped process would not act on SIGTERM
+            probe.process.join(timeout=5.0)
+            probe.conn.close()
+            return
+        with self._lock:
             if self._stopping or self._open_until is None:
                 return
             if time.monotonic() < self._open_until:
@@ -297,12 +332,15 @@ class ProcessWorkers:
                 return
             self._open_until = None
             self._probe = self._spawn()
+            self._probe_deadline = time.monotonic() + self.start_timeout_s
             self._workers.append(self._probe)
             self._refresh()
         log.warning("worker restart back-off over: trying one worker process")
 
     def _trip(self, now: float) -> None:  # under the lock
-        if now - self._closed_at > CRASH_LOOP[1]:
+        """Opens the breaker: reopened from half-open (the tried worker failed), or within a minute of closing,
+        the pause doubles."""
+        if self._probe is None and now - self._closed_at > CRASH_LOOP[1]:
             self._trips = 0
         self._trips += 1
         base, cap = self.settings.worker_restart_backoff_s, self.settings.worker_restart_backoff_max_s
@@ -313,6 +351,7 @@ class ProcessWorkers:
 
     def _close(self) -> None:  # under the lock: the worker tried is ready
         self._probe, self._closed_at = None, time.monotonic()
+        self._deaths = []  # the storm is over: the next deaths are judged afresh (_trip still doubles within 60 s)
         while len(self._workers) < self.settings.concurrency:
             self._workers.append(self._spawn())
         log.warning("a worker process started again after the back-off: workers are replaced again")
@@ -365,7 +404,7 @@ class ProcessWorkers:
             if dead not in self._workers:
                 return
             self._workers.remove(dead)
-            job, claim, code = dead.job, dead.claim, dead.process.exitcode
+            job, claim = dead.job, dead.claim
             death = self._classify(dead)
             now = time.monotonic()
             limit, window = CRASH_LOOP
@@ -381,22 +420,38 @@ class ProcessWorkers:
         log.error("worker process %s stopped (%s)%s", dead.process.pid, death.cause,
                   f" while running job {job}" if job else "")
         if claim is not None:
-            if death.out_of_memory:
-                self._fail_out_of_memory(claim, death)
-            self.on_lost(claim, code)  # gives back a run that still holds the job; counts the end of the run
+            self._settle(claim, death, time.monotonic())
         elif job is not None:  # sent, not yet claimed: it is still queued
             self.submit(job)
 
+    def _settle(self, claim: Claim, death: Death, since: float) -> None:
+        """The dead worker's run: failed (out of memory) or given back. A store error (locked, busy) keeps it for
+        the next round; both writes are fenced by the claim, so a retry after anything else moved the job on
+        changes nothing."""
+        try:
+            if death.out_of_memory:
+                self._fail_out_of_memory(claim, death)
+            self.on_lost(claim, death.cause)  # gives back a run that still holds the job; counts the end of the run
+        except Exception:
+            log.exception("job %s: the end of its run could not be recorded; trying again", claim.job_id)
+            with self._lock:
+                self._unsettled.append((claim, death, since))
+
+    def _settle_again(self) -> None:
+        """Past the run's lease the sweeper gives it back (server/service.py sweep): no more retries here."""
+        with self._lock:
+            due, self._unsettled = self._unsettled, []
+        for claim, death, since in due:
+            if time.monotonic() - since < self.settings.job_lease_s:
+                self._settle(claim, death, since)
+
     def _classify(self, dead: _Worker) -> Death:  # under the lock
+        """The kills counted since the last death are this death's, and no later one's: read and reset here."""
         count = self._oom.read()
-        if count is not None and self._oom_seen is not None:
-            self._oom_credit += max(0, count - self._oom_seen)
+        kills = None if count is None or self._oom_seen is None else max(0, count - self._oom_seen)
         self._oom_seen = count
-        death = classify_death(dead.process.exitcode, self._oom_credit if count is not None else None,
-                               self._oom.source, dead.rss, self.settings.worker_memory_mb)
-        if death.out_of_memory and self._oom_credit:
-            self._oom_credit -= 1
-        return death
+        return classify_death(dead.process.exitcode, kills if self._oom.conclusive else None, self._oom.source,
+                              dead.rss, self.settings.worker_memory_mb)
 
     def _fail_out_of_memory(self, claim: Claim, death: Death) -> None:
         """Not given back to the queue: it would run out of memory again, and kill another worker."""

@@ -2,13 +2,17 @@
 
 A job's peak memory is set by its input (voxels times the model's channels), so a run that ran out of memory runs
 out again: the one decision here, :func:`classify_death`, says which deaths were out of memory, and such a run is
-failed at once instead of being given back to the queue (server/jobs/local_queue.py).
+failed at once instead of being given back to the queue (server/jobs/local_queue.py). Failing a job for good is
+the costly mistake, so only evidence about this service counts.
 
-What can be detected: the exit signal (the kernel's OOM killer sends SIGKILL); the kernel's own count of OOM kills,
-read before and after the death, from the service's memory cgroup (v2 ``memory.events``, v1 ``memory.oom_control``)
-or, without one, host-wide from ``/proc/vmstat``; and the worker's resident memory, sampled about once a second
-by the API process. A SIGKILL the kernel did not count (an operator's ``kill -9``) is not an out-of-memory death,
-unless the worker was last seen at its cap (a user-space killer such as systemd-oomd).
+What can be detected: the exit signal (the kernel's OOM killer sends SIGKILL); the kernel's own count of OOM kills
+in the service's memory cgroup (v2 ``memory.events``, v1 ``memory.oom_control``), read at each death, the kills
+since the last death being this one's; and the worker's resident memory, sampled about once a second by the API
+process. Out of memory: a SIGKILL while the cgroup's count rose, or any signal while the worker was last seen near
+its cap (a user-space killer such as systemd-oomd, an abort on a failed allocation). Without a cgroup the only
+count is the host's (``/proc/vmstat``), which also rises when the kernel kills another program: inconclusive, as is
+no count at all; such a SIGKILL, like an operator's ``kill -9``, is an ordinary death (the run is given back and
+the attempt counted, so ``job_max_attempts`` still ends a loop).
 """
 
 from __future__ import annotations
@@ -110,6 +114,11 @@ class OomCounter:
             return "no OOM-kill count"
         return "the host's OOM-kill count" if self.path.name == "vmstat" else "the memory cgroup's OOM-kill count"
 
+    @property
+    def conclusive(self) -> bool:
+        """Only the service's own cgroup counts kills of its workers; the host's count kills of anything."""
+        return self.path is not None and self.path.name != "vmstat"
+
     def read(self) -> int | None:
         if self.path is None:
             return None
@@ -133,8 +142,8 @@ class Death:
 
 def classify_death(exit_code: int | None, oom_kills: int | None, source: str, last_rss: int | None,
                    memory_mb: int) -> Death:
-    """The one decision: was this death out of memory? ``oom_kills``: how many OOM kills ``source`` counted
-    since the last death looked at (None: nothing to read)."""
+    """The one decision: was this death out of memory? ``oom_kills``: how many OOM kills the service's cgroup
+    counted since the last death looked at (None: no such count; ``source`` says what there is)."""
     seen = f"last seen using {last_rss / 2**20:.0f} MB" if last_rss else "its memory use not yet sampled"
     near_cap = memory_mb > 0 and last_rss is not None and last_rss >= NEAR_CAP * memory_mb * 2**20
     if exit_code is None or exit_code >= 0:
@@ -146,11 +155,11 @@ def classify_death(exit_code: int | None, oom_kills: int | None, source: str, la
     if exit_code == -signal.SIGKILL:
         if oom_kills:
             return Death(True, f"killed by the kernel's out-of-memory killer ({source} rose; {seen})")
-        if oom_kills is None:
-            return Death(True, f"killed by SIGKILL, which here is most likely the kernel's out-of-memory killer "
-                               f"({source} to confirm it; {seen})")
         if near_cap:
             return Death(True, f"killed by SIGKILL at its memory cap ({seen})")
+        if oom_kills is None:
+            return Death(False, f"killed by SIGKILL; whether by the kernel's out-of-memory killer cannot be told "
+                                f"({source}, not this service's; {seen})")
         return Death(False, f"killed by SIGKILL, not by the kernel's out-of-memory killer ({source} did not "
                             f"change; {seen})")
     if near_cap:  # a library that aborts when an allocation fails (std::bad_alloc uncaught)

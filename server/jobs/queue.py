@@ -14,7 +14,7 @@ from typing import Protocol
 from server.jobs.model import Claim
 
 DoneFn = Callable[[str], None]  # a run of this job ended (whatever its outcome)
-LostFn = Callable[[Claim, "int | None"], None]  # the worker holding this claim died (exit code)
+LostFn = Callable[[Claim, str], None]  # the worker holding this claim died (why, in words: server/jobs/memory.py)
 
 
 class JobQueue(Protocol):
