@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_PDU = 1 << 20  # what senders are told to send per PDU: each one is held whole while it is read
 RERESOLVE_S = 60.0  # a destination's host name is looked up again at most this often (a peer it moved to)
+UNRESOLVED_RETRY_S = 2.0  # a destination whose host did not resolve: tried again this often
 RECEIVING_IDLE_S = 600.0  # a file in receiving/ not written to for this long was left by a cut-off association
 MAX_RECV_PDU = MAX_PDU + (64 << 10)  # a PDU longer than this is not read (pynetdicom reads each one whole)
 MAX_COMMAND = 64 << 10  # command set bytes of one DIMSE message (a real one is a few hundred)
@@ -255,21 +256,27 @@ def _bounded_recv(recv: Callable[[int], bytearray]) -> Callable[[int], bytearray
 
 class Senders:
     """Which DIMSE destination an association comes from: its calling AE title and its peer address must both be the
-    destination's. Host names are resolved at start (and again on a mismatch, at most every ``RERESOLVE_S``), so
-    a peer is judged by its address, never by a name."""
+    destination's. Host names are resolved at start and again on a mismatch: at most every ``RERESOLVE_S`` for a
+    host that resolved, every ``UNRESOLVED_RETRY_S`` for one that did not (a PACS container started after ctseg's,
+    whose name compose's DNS only knows once it runs). A peer is judged by its address, never by a name."""
 
     def __init__(self, destinations: list[Any]) -> None:
         self.nodes = [d for d in destinations if isinstance(d, DimseNode)]
         self._addresses: dict[str, frozenset[str]] = {}
-        self._resolved = 0.0
-        self._resolve()
+        self._resolved: dict[str, float] = {}
+        self._resolve(self.nodes)
 
-    def _resolve(self) -> None:
-        self._addresses = {n.name: resolve_addresses(n.host) for n in self.nodes}
-        self._resolved = time.monotonic()
-        for name, addresses in self._addresses.items():
-            if not addresses:
-                log.warning("destination %r: its host does not resolve; no SEG goes back to it as sender", name)
+    def _resolve(self, nodes: list[DimseNode]) -> None:
+        for node in nodes:
+            self._addresses[node.name] = resolve_addresses(node.host)
+            self._resolved[node.name] = time.monotonic()
+            if not self._addresses[node.name]:
+                log.warning("destination %r: its host does not resolve (yet); no SEG goes back to it as sender",
+                            node.name)
+
+    def _stale(self, node: DimseNode) -> bool:
+        wait = RERESOLVE_S if self._addresses.get(node.name) else UNRESOLVED_RETRY_S
+        return time.monotonic() - self._resolved.get(node.name, 0.0) >= wait
 
     def match(self, calling_ae_title: str, peer: str) -> tuple[str | None, list[str]]:
         """(the destination it is, or None; the destinations whose AE title it only claims)."""
@@ -279,9 +286,10 @@ class Senders:
         address = normal_address(peer)
         for again in (False, True):
             if again:
-                if time.monotonic() - self._resolved < RERESOLVE_S:
+                stale = [n for n in claimed if self._stale(n)]
+                if not stale:
                     break
-                self._resolve()
+                self._resolve(stale)
             for node in claimed:
                 if address in self._addresses.get(node.name, frozenset()):
                     return node.name, []
