@@ -20,6 +20,7 @@ COMMANDS = (
     ("compare", "inflation.compare_cli"),
     ("serve", "server.cli"),
     ("predict", "server.predict_cli"),
+    ("db", "server.db_cli"),
 )
 
 

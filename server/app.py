@@ -29,7 +29,7 @@ from server.core.errors import (
 )
 from server.core.metrics import UNMATCHED, method_label
 from server.core.settings import Settings
-from server.core.sqlite import StoreBusy
+from server.core.database import StoreBusy
 from server.jobs.lock import StorageLock
 from server.service import SegmentationService
 

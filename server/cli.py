@@ -20,12 +20,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from models import logs
     from models.backends import EngineUnavailable
     from models.bundle import BundleError
-    from models import logs
     from server.app import create_app
-    from server.dicomnode.listener import UnsupportedPynetdicom, check_pynetdicom
+    from server.core.database import DatabaseUnavailable, open_checked
     from server.core.settings import Settings
+    from server.dicomnode.listener import UnsupportedPynetdicom, check_pynetdicom
     from server.inference.engine import discover_bundles, engines_from_settings
     from server.jobs.lock import StorageLock, StorageLocked
 
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         if settings.dicom_port is not None:
             check_pynetdicom()  # the listener's receive-to-disk needs the pynetdicom it was written for
         lock = StorageLock(settings.storage_dir).acquire()  # one service per storage folder
-    except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError, UnsupportedPynetdicom) as err:
+        open_checked(settings).dispose()  # reachable, our credentials taken, migrated to this ctseg's schema
+    except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError, UnsupportedPynetdicom,
+            DatabaseUnavailable) as err:
         log.error("%s", err)
         return 2
     # every log line through the redacting formatter (models/logs.py), uvicorn's own included (no log_config)

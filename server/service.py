@@ -30,7 +30,7 @@ from server.core.metrics import Metrics
 from server.core.nodes import DimseNode, Route
 from server.core.options import PhaseChoice
 from server.core.settings import Settings
-from server.core.sqlite import StoreBusy
+from server.core.database import StoreBusy
 from server.core.vocabulary import (
     DestinationChoice,
     ErrorKind,

@@ -23,6 +23,18 @@ def intensity_bundle(tmp_path_factory: pytest.TempPathFactory):
     return write_intensity_bundle(tmp_path_factory.mktemp("bundles") / "intensity-test")
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A real PostgreSQL (tests/postgres.py), started once; each test takes a database of its own."""
+    from postgres import start_cluster
+
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+
+
 @pytest.fixture()
 def small_disk(tmp_path):  # type: ignore[no-untyped-def]
     """A 24 MB tmpfs: a real full disk (needs root to mount; CI runs as root)."""

@@ -17,7 +17,8 @@ from server.core.settings import Settings
 from server.core.vocabulary import DestinationChoice, InputKind, OriginKind, Output
 from server.jobs.files import JobFiles
 from server.jobs.model import JobSpec, Origin, StagedInput
-from server.jobs.sqlite_store import SqliteJobStore
+from server.core.database import Database
+from server.jobs.sql_store import SqlJobStore
 from test_api import nifti_bytes, phantom, post
 
 
@@ -150,7 +151,7 @@ def test_no_patient_identifiers_in_logs_and_inputs_removed(client, caplog):
 
 def test_restart_runs_interrupted_and_queued_jobs_again_and_fails_cut_off_uploads(intensity_bundle, tmp_path):
     storage = tmp_path / "storage"
-    store, files = SqliteJobStore(storage), JobFiles(storage)
+    store, files = SqlJobStore(Database.embedded(storage)), JobFiles(storage)
     upload = Origin(OriginKind.UPLOAD)
     spec = JobSpec("intensity-test", (Output.NIFTI,), None, (), DestinationChoice.DEFAULT, upload)
     image, _ = phantom()

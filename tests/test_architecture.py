@@ -46,7 +46,7 @@ def test_a_lower_layer_importing_a_higher_one_breaks_the_build(tmp_path):
 def test_a_route_reaching_into_the_store_breaks_the_build(tmp_path):
     root = _copy(tmp_path)
     routes = root / "server" / "api" / "routes" / "health.py"
-    routes.write_text(routes.read_text() + "\nfrom server.jobs.sqlite_store import SqliteJobStore  # noqa\n")
+    routes.write_text(routes.read_text() + "\nfrom server.jobs.sql_store import SqlJobStore  # noqa\n")
     proc = _lint(root)
     assert proc.returncode != 0
-    assert "server.api is not allowed to import server.jobs.sqlite_store" in proc.stdout
+    assert "server.api is not allowed to import server.jobs.sql_store" in proc.stdout

@@ -20,7 +20,7 @@ from server.core.errors import QueueFull
 from server.core.settings import Settings
 from server.core.vocabulary import OriginKind, Output
 from server.jobs.model import JobRequest, Origin
-from server.jobs.sqlite_store import DB_NAME
+from server.core.database import DB_NAME
 from server.service import SegmentationService
 
 KEY = "upload-key"

@@ -1,5 +1,6 @@
 """A storage folder written by the first releases (their schema, verbatim) is migrated at open: jobs, deliveries
-and received series carry on, parameters become typed fields, and the schema is recorded as versioned."""
+and received series carry on, parameters become typed fields, and the database is adopted into the Alembic
+history (a release from before Alembic then refuses it, rather than write to a schema it does not know)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import time
 
 import pytest
 
+from server.core.database import Database, SchemaTooNew
+from server.core.migrations import head
+from server.core.migrations.legacy import ADOPTED
 from server.core.vocabulary import DeliveryState, DestinationChoice, Output, ResultFile
 from server.dicomnode.arrivals import ArrivalStore, digest
 from server.jobs.files import JobFiles
 from server.jobs.model import JobState
-from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.sql_store import SqlJobStore
 
 FIRST_RELEASE = """
 CREATE TABLE jobs (
@@ -61,7 +65,7 @@ def test_a_first_release_database_is_migrated_and_carries_on(tmp_path):
     for sop in ("1.2.3.1", "1.2.3.2"):
         (folder / f"{digest(sop)}.dcm").write_bytes(b"an instance the first release acknowledged")
 
-    store = SqliteJobStore(tmp_path)
+    store = SqlJobStore(Database.embedded(tmp_path))
     named = store.get("named")
     assert named.state == JobState.SUCCEEDED and named.spec.outputs == (Output.NIFTI, Output.DICOM_SEG)
     assert named.spec.destination_choice == DestinationChoice.NAMED and named.spec.series_uid == "1.2"
@@ -79,24 +83,29 @@ def test_a_first_release_database_is_migrated_and_carries_on(tmp_path):
     assert arrivals.link_into("1.2.3", tmp_path / "linked") == 2  # its files are the series' instances
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as check:
         versions = dict(check.execute("SELECT component, version FROM schema_migrations"))
-    assert versions == {"jobs": 2, "arrivals": 3}
+        (revision,) = check.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert versions == {"jobs": ADOPTED, "arrivals": ADOPTED} and revision == head()
     store.close()
-    SqliteJobStore(tmp_path).close()  # opening again applies nothing
+    SqlJobStore(Database.embedded(tmp_path)).close()  # opening again applies nothing
 
 
-def test_a_database_newer_than_this_release_is_refused(tmp_path):
-    SqliteJobStore(tmp_path).close()
+def test_a_pre_alembic_database_newer_than_this_release_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
-        db.execute("UPDATE schema_migrations SET version = 99 WHERE component = 'jobs'")
-    with pytest.raises(RuntimeError, match="newer than this ctseg knows"):
-        SqliteJobStore(tmp_path)
+        db.executescript(FIRST_RELEASE)
+        db.execute("CREATE TABLE schema_migrations (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_migrations VALUES ('jobs', 7)")
+    with pytest.raises(SchemaTooNew, match="newer than this ctseg knows"):
+        SqlJobStore(Database.embedded(tmp_path))
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:  # refused without a change
+        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(7,)]
+        assert "alembic_version" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
 
 
-def test_connections_of_threads_that_ended_are_closed(tmp_path):
-    """A heartbeat thread per run, the server's thread pool: each thread's connection goes with it."""
+def test_connections_stay_few_whatever_the_threads(tmp_path):
+    """A heartbeat thread per run, the server's thread pool: connections are pooled, not one per thread."""
     import threading
 
-    store = SqliteJobStore(tmp_path)
+    store = SqlJobStore(Database.embedded(tmp_path))
     for _ in range(50):
         t = threading.Thread(target=store.counts)
         t.start()

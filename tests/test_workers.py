@@ -10,7 +10,7 @@ import time
 import pytest
 
 from common import wait_for
-from server.jobs.sqlite_store import DB_NAME
+from server.core.database import DB_NAME
 from phantoms import make_phantom
 from test_api import nifti_bytes, phantom, post
 from test_api_errors import make_client

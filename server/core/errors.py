@@ -50,7 +50,8 @@ STORAGE_FULL = "the service's storage is full; retry later (operators: free spac
 
 
 def storage_full(err: BaseException | None) -> bool:
-    """No space left, as the OS says it (ENOSPC, EDQUOT), as SQLite does, or as ITK's writers do."""
+    """No space left, as the OS says it (ENOSPC, EDQUOT), as SQLite or PostgreSQL (disk_full, 53100) do, or as
+    ITK's writers do; through SQLAlchemy's wrapper (``orig``) too."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -58,7 +59,9 @@ def storage_full(err: BaseException | None) -> bool:
             return True
         if isinstance(err, sqlite3.OperationalError) and "disk is full" in str(err):
             return True
+        if getattr(err, "sqlstate", None) == "53100":
+            return True
         if isinstance(err, RuntimeError) and "No space left on device" in str(err):
             return True
-        err = err.__cause__ or err.__context__
+        err = getattr(err, "orig", None) or err.__cause__ or err.__context__
     return False

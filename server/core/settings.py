@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.backends import DevicePreference, EngineKind
@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     # ---- several machines (README "Running on several machines"; server/core/blobs.py)
+    database_url: SecretStr | None = Field(None, description="the job database: unset, SQLite in the storage "
+                                           "folder; postgresql://user:password@host/db, the store several machines "
+                                           "share (migrated at start, or by `ctseg db upgrade`)")
     blob_url: str | None = Field(None, description="where job files live: unset, the storage folder; "
                                  "file:///shared/path (a volume every machine mounts there) or s3://bucket/prefix")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph) for an s3:// "

@@ -39,45 +39,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.core import durable, sqlite
+from server.core.database import Database, retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-COMPONENT = "arrivals"
 
 
 class AssociationState:
     OPEN = "open"
     RELEASED = "released"
     ABORTED = "aborted"
-
-
-def _v1_baseline(db: sqlite3.Connection) -> None:
-    """The first releases' table (its ``aborted`` flag now reads as "incomplete, from before this version")."""
-    db.execute("""CREATE TABLE IF NOT EXISTS incoming (
-        series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, calling_ae_title TEXT NOT NULL, modality TEXT NOT NULL,
-        description TEXT NOT NULL, instances INTEGER NOT NULL, frames INTEGER NOT NULL, first_received REAL NOT NULL,
-        last_received REAL NOT NULL, aborted INTEGER NOT NULL DEFAULT 0)""")
-
-
-def _v2_associations(db: sqlite3.Connection) -> None:
-    for column in ("routed_instances INTEGER NOT NULL DEFAULT 0", "job_id TEXT", "staging_job TEXT",
-                   "staging_instances INTEGER", "routed_at REAL", "cut_off_at REAL"):
-        db.execute(f"ALTER TABLE incoming ADD COLUMN {column}")
-    db.execute("""CREATE TABLE associations (
-        id TEXT PRIMARY KEY, calling_ae_title TEXT NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL, closed REAL)""")
-    db.execute("""CREATE TABLE arrival_instances (
-        series_uid TEXT NOT NULL, instance TEXT NOT NULL, association_id TEXT NOT NULL, frames INTEGER NOT NULL,
-        received REAL NOT NULL, PRIMARY KEY (series_uid, instance))""")
-    db.execute("CREATE INDEX arrival_instances_association ON arrival_instances(association_id)")
-    db.execute("CREATE INDEX associations_state ON associations(state)")
-
-
-def _v3_sender(db: sqlite3.Connection) -> None:
-    """The verified sender (a series received before this version has none: its SEG goes to the defaults)."""
-    db.execute("ALTER TABLE incoming ADD COLUMN sender TEXT")
-
-
-MIGRATIONS: tuple[sqlite.Migration, ...] = (_v1_baseline, _v2_associations, _v3_sender)
 
 
 @dataclass(frozen=True)
@@ -140,12 +111,16 @@ class ArrivalStore:
         self.receiving = durable.make_dirs(Path(storage) / "receiving")  # pynetdicom's files while they arrive
         self.path = Path(storage) / "jobs.sqlite3"
         self.patience_s = patience_s
+        schema = Database.embedded(Path(storage), busy_timeout_s, patience_s)  # the schema is Alembic's
+        try:
+            schema.upgrade()
+        finally:
+            schema.dispose()
         self._db = sqlite.connect(self.path, busy_timeout_s)
         self.lock = threading.Lock()  # one connection, one writer at a time in this process
         # An instance's file and row, and a series' removal, never interleave: a removal decided on what a series
         # was cannot take an instance acknowledged since.
         self._series_lock = threading.Lock()
-        sqlite.migrate(self._db, COMPONENT, MIGRATIONS, patience_s)
         self._drop_orphans()
         self._adopt_first_release()
 
@@ -157,7 +132,7 @@ class ArrivalStore:
         def locked() -> T:
             with self.lock:
                 return fn(self._db)
-        return sqlite.retry_busy(locked, self.patience_s, what)
+        return retry(locked, self.patience_s, what)
 
     def _tx(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         def body(db: sqlite3.Connection) -> T:

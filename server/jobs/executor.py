@@ -5,7 +5,7 @@ third of ``job_lease_s``. Every write of the run carries its attempt: when the j
 given to another run because this one stopped renewing (a paused or partitioned worker), the write changes
 nothing, the run stops at its next progress report and removes what it wrote. Results go to the run's own folder
 (server/jobs/files.py), durably, before the success that points at them is committed; a lock held by another
-connection delays that commit (server/core/sqlite.py) and never turns a finished job into a failed one.
+connection delays that commit (server/core/database.py) and never turns a finished job into a failed one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from server.core.errors import InputError, NotFound, PayloadTooLarge, storage_full
 from server.core.settings import Settings
-from server.core.sqlite import StoreBusy
+from server.core.database import StoreBusy
 from server.core.vocabulary import ErrorKind, ResultFile
 from server.inference.engine import Engine
 from server.inference.pipeline import run_pipeline

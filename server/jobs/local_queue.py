@@ -54,7 +54,8 @@ from server.jobs.memory import (
 )
 from server.jobs.model import Claim
 from server.jobs.queue import DoneFn, LostFn
-from server.jobs.sqlite_store import SqliteJobStore
+from server.core.database import Database
+from server.jobs.sql_store import SqlJobStore
 from server.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class WorkerStartError(RuntimeError):
     """A worker process could not load the bundles or open its sessions."""
 
 
-def open_store(settings: Settings) -> SqliteJobStore:
-    return SqliteJobStore(settings.storage_dir, settings.db_busy_timeout_s, settings.db_patience_s)
+def open_store(settings: Settings, migrate: bool = True) -> SqlJobStore:
+    """The job store the settings name (CTSEG_DATABASE_URL, else SQLite in the storage folder)."""
+    return SqlJobStore(Database.from_settings(settings), migrate)
 
 
 class ThreadWorkers:
@@ -214,7 +216,7 @@ class ProcessWorkers:
         self._oom = OomCounter.find()
         self._oom_seen = self._oom.read()
         self._sampled = 0.0
-        self._store: SqliteJobStore | None = None  # for failing the run of a worker that ran out of memory
+        self._store: SqlJobStore | None = None  # for failing the run of a worker that ran out of memory
         self._files = JobFiles(settings.storage_dir)
         self._unsettled: list[tuple[Claim, Death, float]] = []  # dead workers' runs whose store writes failed
 

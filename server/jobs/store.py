@@ -1,7 +1,7 @@
 """The seam between the service and where job records live: intent methods, never column names.
 
-``SqliteJobStore`` (server/jobs/sqlite_store.py) is the embedded implementation; a shared store for several
-machines implements the same protocol. Every state change is a compare-and-set on the state it expects (and, for
+``SqlJobStore`` (server/jobs/sql_store.py) implements it on SQLite (embedded) and on PostgreSQL (the store several
+machines share), with the same SQL. Every state change is a compare-and-set on the state it expects (and, for
 a worker's writes, on its :class:`Claim`'s attempt), so a stale writer changes nothing, and each method says
 whether its change took effect.
 """
