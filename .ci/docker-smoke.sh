@@ -60,11 +60,22 @@ log "container health: $health; user: $user; no torch in the image"
 # The PACS pair (--profile pacs): Orthanc forwards a study to ctseg, the SEG comes back into the same study.
 $COMPOSE -p "$PROJECT" --profile pacs build orthanc >/tmp/ctseg-docker-build-orthanc.log 2>&1 \
   || { log "FAILED: Orthanc image build"; tail -40 /tmp/ctseg-docker-build-orthanc.log; exit 1; }
+# The viewer (OHIF, pinned by version and hash) beside Orthanc, on a free port.
+bash .ci/ohif.sh docker/ohif/dist || { log "FAILED: fetching the pinned OHIF build"; exit 1; }
+export CTSEG_OHIF_PORT=$(free_port) CTSEG_OHIF_IMAGE=ctseg-ohif:ci
 $COMPOSE -p "$PROJECT" --profile pacs up -d || { log "FAILED: compose --profile pacs up"; exit 1; }
 for _ in $(seq 60); do
   curl -fsS "http://127.0.0.1:$ORTHANC_PORT/system" >/dev/null 2>&1 && break
   sleep 1
 done
+for _ in $(seq 30); do
+  curl -fsS "http://127.0.0.1:$CTSEG_OHIF_PORT/dicom-web/studies" >/dev/null 2>&1 && break
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$CTSEG_OHIF_PORT/app-config.js" >/dev/null \
+  && curl -fsS "http://127.0.0.1:$CTSEG_OHIF_PORT/dicom-web/studies" >/dev/null \
+  || { log "FAILED: the viewer does not serve OHIF or proxy /dicom-web to Orthanc"; exit 1; }
+log "viewer on 127.0.0.1:$CTSEG_OHIF_PORT serves OHIF and proxies /dicom-web"
 $PY .ci/docker_smoke_pacs.py "http://127.0.0.1:$ORTHANC_PORT" \
   || { log "FAILED: PACS round trip"; $COMPOSE -p "$PROJECT" --profile pacs logs | tail -60; exit 1; }
 log "passed in $(( $(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System tools the tests run against: Orthanc with its DICOMweb plugin (a real PACS), dcmtk (storescu, echoscu),
-# dicom3tools (dciodvfy). Under CI=true a tool that cannot be installed fails the run here, and a test that
+# dicom3tools (dciodvfy), Chromium + chromedriver + nginx (the viewer test), PostgreSQL (the shared job store). Under CI=true a tool that cannot be installed fails the run here, and a test that
 # finds one missing fails too (tests/pacs.py: require_tool): CI is never green without the real peers.
 # Debian's orthanc package would start a server listening on every interface: policy-rc.d keeps it stopped; the
 # tests start their own Orthanc on loopback ports with RemoteAccessAllowed false.
@@ -10,6 +10,12 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+# tests/test_viewer.py: OHIF in a real browser behind nginx
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null || need+=(nginx)
+# tests/test_store_contract.py, test_postgres_service.py: a real PostgreSQL server (initdb, pg_ctl)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "ci: installing ${need[*]}"

@@ -19,12 +19,20 @@ ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
+# What a DICOMweb viewer (OHIF) needs from Orthanc's plugin: full metadata of every instance in one request, not
+# the main tags only (OHIF reads geometry and the SEG's per-frame functional groups from it).
+VIEWER_DICOMWEB = {"StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+
+
 class Orthanc:
-    """One Orthanc process: REST + DICOMweb on ``http_port``, DICOM on ``dicom_port``, AE title ORTHANC."""
+    """One Orthanc process: REST + DICOMweb on ``http_port``, DICOM on ``dicom_port``, AE title ORTHANC.
+
+    ``dicomweb``: more settings of the DICOMweb plugin (a viewer needs ``VIEWER_DICOMWEB``)."""
 
     AE_TITLE = "ORTHANC"
 
-    def __init__(self, root: Path, modalities: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(self, root: Path, modalities: dict[str, tuple[str, int]] | None = None,
+                 dicomweb: dict | None = None) -> None:
         require_tool(ORTHANC, "Orthanc (Debian package orthanc)")
         if not DICOMWEB_PLUGIN.is_file():
             require_tool(None, "Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
@@ -38,7 +46,7 @@ class Orthanc:
             "Name": "ctseg-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.AE_TITLE,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", **(dicomweb or {})},
             "DicomModalities": {name: [aet, "127.0.0.1", port] for name, (aet, port) in (modalities or {}).items()},
             "DicomAlwaysAllowGet": False, "OverwriteInstances": True,  # a resend shows up as a second change
             "StableAge": 1, "ConcurrentJobs": 2, "HttpTimeout": 60, "DicomScuTimeout": 30,
