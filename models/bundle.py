@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,27 @@ class Bundle:
     files: dict[str, str]
     manifest: dict[str, Any] = field(repr=False)
     precisions: PrecisionRecords = field(default_factory=dict)  # parity checks, by (engine, precision)
+    # label value -> (lo, hi) mL: a plausible adult range (a label's optional ``reference_volume_ml`` in the
+    # manifest); a volume outside it is flagged (server/imaging/quality.py), never changed
+    reference_volumes: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = {label.value: label.name for label in self.labels}
+        checked: dict[int, tuple[float, float]] = {}
+        for value, pair in self.reference_volumes.items():
+            name = known.get(value, f"label {value}")
+            if value not in known:
+                raise BundleError(f"reference_volume_ml is given for {name}, which the bundle does not have")
+            try:
+                lo, hi = (float(x) for x in pair)
+            except (TypeError, ValueError):
+                raise BundleError(f"reference_volume_ml of {name!r} must be two numbers [lo, hi] in mL; "
+                                  f"got {pair!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+                raise BundleError(f"reference_volume_ml of {name!r} must be [lo, hi] mL with 0 <= lo < hi; "
+                                  f"got {[lo, hi]}")
+            checked[value] = (lo, hi)
+        object.__setattr__(self, "reference_volumes", checked)
 
     @property
     def onnx_path(self) -> Path:
@@ -115,8 +137,25 @@ def load_bundle(directory: str | Path, verify_checksums: bool = True) -> Bundle:
             f"{path}: labels must be numbered 1..{model.num_classes - 1} to match the model's "
             f"{model.num_classes} outputs; got {sorted(values)}"
         )
-    return Bundle(
-        path=directory, name=str(manifest["name"]), version=str(manifest["version"]),
-        modality=str(manifest["modality"]), model=model, preprocess=preprocess, labels=labels, files=dict(files),
-        manifest=manifest, precisions=precisions,
-    )
+    try:
+        return Bundle(
+            path=directory, name=str(manifest["name"]), version=str(manifest["version"]),
+            modality=str(manifest["modality"]), model=model, preprocess=preprocess, labels=labels, files=dict(files),
+            manifest=manifest, precisions=precisions, reference_volumes=_reference_volumes(path, manifest["labels"]),
+        )
+    except BundleError as err:
+        raise BundleError(f"{path}: {err}") from None
+
+
+def _reference_volumes(path: Path, items: list[Any]) -> dict[int, tuple[float, float]]:
+    """Each label's optional ``reference_volume_ml: [lo, hi]`` (checked by :class:`Bundle`); a manifest without
+    any loads as before."""
+    ranges: dict[int, tuple[float, float]] = {}
+    for item in items:
+        if "reference_volume_ml" in item:
+            pair = item["reference_volume_ml"]
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise BundleError(f"{path}: reference_volume_ml of {item.get('name')!r} must be a list [lo, hi] "
+                                  f"in mL; got {pair!r}")
+            ranges[int(item["value"])] = tuple(pair)  # type: ignore[assignment]
+    return ranges

@@ -4,6 +4,8 @@ One implementation for training-time validation (a torch model behind the callab
 Runtime behind it). Gaussian importance weighting as in nnU-Net/MONAI; several windows per call; given a body mask
 (models/body_mask.py), windows with no voxel of the patient are skipped; logits accumulate in float32 or float16.
 2.5D models predict the centre slice of their window: then windows step one slice at a time in depth.
+On request (``low_margin``) the final argmax also tracks the second-best class and counts, per class, the voxels
+whose two best (weight-normalised) logits lie closer than the margin: a cheap uncertainty signal for quality flags.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from models.body_mask import WindowOccupancy
 
 WindowFn = Callable[[np.ndarray], np.ndarray]  # (N, 1, *roi) float32 -> (N, K, *out_size) logits
 ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class MarginCounts:
+    """Per class: voxels labelled with it, and those of them whose top-2 logit margin was under ``margin``
+    (on the model's grid)."""
+
+    margin: float
+    voxels: np.ndarray  # int64 [K]
+    low: np.ndarray  # int64 [K]
+
+    def share(self, value: int) -> float | None:
+        """The low-margin share of class ``value``; None when it has no voxel."""
+        total = int(self.voxels[value]) if value < len(self.voxels) else 0
+        return int(self.low[value]) / total if total else None
 
 
 def gaussian_importance(size: Triple, sigma_scale: float = 0.125) -> np.ndarray:
@@ -75,6 +92,12 @@ class SlidingWindow:
         ``body``: bool [D, H, W]; windows holding none of it are not run, and voxels that only such windows cover
         are background. None: every window runs.
         """
+        return self.run(volume, predict, progress, body)[0]
+
+    def run(self, volume: np.ndarray, predict: WindowFn, progress: ProgressFn | None = None,
+            body: np.ndarray | None = None, low_margin: float | None = None
+            ) -> tuple[np.ndarray, MarginCounts | None]:
+        """As ``__call__``; with ``low_margin`` (logit units) also the per-class low-margin counts."""
         if volume.ndim != 3:
             raise ValueError(f"expected a [D, H, W] volume; got shape {volume.shape}")
         if body is not None and body.shape != volume.shape:
@@ -124,9 +147,18 @@ class SlidingWindow:
         elif progress:
             progress(done, len(starts))
         self.last_stats = {"windows": len(starts), "skipped": skipped}
-        labels = argmax_classes(acc, np.uint8 if self.num_classes <= 256 else np.uint16)
-        labels[weight == 0] = 0  # covered only by skipped windows (outside the body): background
-        return labels
+        dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+        if low_margin is None:
+            labels = argmax_classes(acc, dtype)
+            labels[weight == 0] = 0  # covered only by skipped windows (outside the body): background
+            return labels, None
+        labels, gap = argmax_with_gap(acc, dtype)
+        unseen = weight == 0
+        labels[unseen] = 0
+        # acc holds importance-weighted sums: the mean logits' gap is gap / weight
+        low = gap < np.float32(low_margin) * weight
+        low[unseen] = False
+        return labels, margin_counts(labels, low, self.num_classes, low_margin)
 
 
 def argmax_classes(scores: np.ndarray, dtype: type) -> np.ndarray:
@@ -139,3 +171,29 @@ def argmax_classes(scores: np.ndarray, dtype: type) -> np.ndarray:
         np.copyto(labels, k, where=higher)
         np.maximum(best, scores[k], out=best)
     return labels
+
+
+def argmax_with_gap(scores: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`argmax_classes` and, per voxel, best minus second-best score (float32), in the same pass."""
+    best = scores[0].astype(np.float32, copy=True)
+    second = np.full(best.shape, -np.inf, dtype=np.float32)
+    labels = np.zeros(scores.shape[1:], dtype=dtype)
+    lower = np.empty_like(best)
+    for k in range(1, len(scores)):
+        higher = scores[k] > best
+        np.copyto(labels, k, where=higher)
+        np.minimum(best, scores[k], out=lower)  # the loser of (best so far, this class) competes for second
+        np.maximum(second, lower, out=second)
+        np.maximum(best, scores[k], out=best)
+    best -= second
+    return labels, best
+
+
+def margin_counts(labels: np.ndarray, low: np.ndarray, num_classes: int, margin: float) -> MarginCounts:
+    """Per-class totals a plane at a time (a whole-volume bincount would cast the map to int64 first)."""
+    voxels = np.zeros(num_classes, dtype=np.int64)
+    lows = np.zeros(num_classes, dtype=np.int64)
+    for plane, low_plane in zip(labels, low):
+        voxels += np.bincount(plane.ravel(), minlength=num_classes)[:num_classes]
+        lows += np.bincount(plane[low_plane], minlength=num_classes)[:num_classes]
+    return MarginCounts(float(margin), voxels, lows)

@@ -70,8 +70,8 @@ def test_nifti_with_dicom_seg_is_422_saying_why(client):
 
 def test_bad_parameters(client):
     image, _ = phantom()
-    r = post(client, [("ct.nii.gz", nifti_bytes(image))], outputs="rtstruct")
-    assert r.status_code == 422 and "unknown output 'rtstruct'" in r.json()["detail"]
+    r = post(client, [("ct.nii.gz", nifti_bytes(image))], outputs="stl")
+    assert r.status_code == 422 and "unknown output 'stl'" in r.json()["detail"]
     r = client.post("/v1/segmentations")
     assert r.status_code == 422 and "files" in r.json()["detail"]
     r = post(client, [("ct.nii.gz", nifti_bytes(image))], model="brain-mri")

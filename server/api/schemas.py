@@ -11,7 +11,9 @@ from server.core.vocabulary import (
     InputKind,
     OriginKind,
     Output,
+    QualityFlag,
 )
+from server.imaging.quality import StoredFlags
 from server.jobs.model import Delivery, Job, JobState
 
 
@@ -49,6 +51,12 @@ class DeliveryOut(BaseModel):
     delivered_at: float | None = Field(None, description="delivered: when the destination acknowledged (Unix time)")
 
 
+class QualityOut(BaseModel):
+    flags: list[QualityFlag] = Field(description="each flag once, whether the whole scan or a label raised it")
+    job: list[QualityFlag] = Field(description="flags of the whole scan (HU implausible, no structure found)")
+    labels: dict[str, list[QualityFlag]] = Field(description="label name -> its flags (only labels with one)")
+
+
 class JobOut(BaseModel):
     id: str
     state: JobState
@@ -66,6 +74,8 @@ class JobOut(BaseModel):
     error_kind: ErrorKind | None = None
     notes: list[str]
     results: dict[str, str] = Field(description="result name -> URL")
+    quality: QualityOut | None = Field(None, description="succeeded: signs the result may be wrong (from its "
+                                       "volumes.json); None before, or for a job of a version without flags")
     deliveries: list[DeliveryOut]
     attempt: int = Field(0, description="runs of this job so far (a run whose worker stopped is repeated)")
     supersedes: str | None = Field(None, description="the job on an earlier part of the same received series that "
@@ -91,7 +101,7 @@ class PullRequest(BaseModel):
     series_uid: str = Field(min_length=1, max_length=64, pattern=r"^[0-9.]+$")
 
 
-def job_out(job: Job, deliveries: list[Delivery]) -> JobOut:
+def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = None) -> JobOut:
     staged, origin = job.staged, job.origin
     return JobOut(
         id=job.id, state=job.state, model=job.model,
@@ -106,6 +116,8 @@ def job_out(job: Job, deliveries: list[Delivery]) -> JobOut:
         progress=ProgressOut(windows_done=job.progress_done, windows_total=job.progress_total),
         timings=job.timings, error=job.error, error_kind=job.error_kind, notes=job.notes,
         results={r.value: f"/v1/segmentations/{job.id}/{r.value}" for r in job.results},
+        quality=QualityOut(flags=quality.all_flags(), job=list(quality.job),
+                           labels={k: list(v) for k, v in quality.labels.items()}) if quality is not None else None,
         deliveries=[DeliveryOut(destination=d.destination, state=d.state, attempts=d.attempts, last_error=d.last_error,
                                 warning=d.warning,
                                 next_attempt=d.next_attempt if d.state == DeliveryState.PENDING else None,

@@ -6,6 +6,7 @@ Every label value comes from a fixed set (a series per value lives until the pro
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from server.core.vocabulary import DeliveryState
+from server.core.vocabulary import DeliveryState, QualityFlag
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"  # no route took the request (404, or refused before routing)
@@ -58,8 +59,17 @@ class Metrics:
                                    "(receiving, incomplete)", ["reason"], registry=r)
         self.job_attempts = Counter("ctseg_job_requeues_total", "Jobs given back to the queue by reason (lease "
                                     "expired, worker stopped, service restarted)", ["reason"], registry=r)
+        self.quality_flags = Counter("ctseg_quality_flags_total", "Succeeded jobs by quality flag (each flag once "
+                                     "per job, whichever labels raised it)", ["flag"], registry=r)
+        for flag in QualityFlag:  # a fixed label set, present from the start (0 until a job raises it)
+            self.quality_flags.labels(flag.value)
         self.destination_up = Gauge("ctseg_destination_up", "1 while a destination answers, 0 while its circuit "
                                     "breaker holds its deliveries back", ["destination"], registry=r)
+
+    def count_quality_flags(self, flags: Iterable[QualityFlag | str]) -> None:
+        """One succeeded job's flags (server/imaging/quality.py ``read_flags(...).all_flags()``)."""
+        for flag in {QualityFlag(f) for f in flags}:
+            self.quality_flags.labels(flag.value).inc()
 
     def observe_request(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """``route``: the matched route's template (None: no route matched)."""

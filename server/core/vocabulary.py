@@ -17,18 +17,39 @@ class InputKind(str, Enum):
 
 
 class Output(str, Enum):
-    """What a job is asked to write (the API's ``outputs``): the label map and/or the DICOM-SEG."""
+    """What a job is asked to write (the API's ``outputs``): the label map, the DICOM-SEG, an RTSTRUCT, a DICOM SR
+    with the volumes (TID 1500) and a key image (Secondary Capture)."""
 
     NIFTI = "nifti"
     DICOM_SEG = "dicom-seg"
+    RTSTRUCT = "rtstruct"
+    SR = "sr"
+    SC = "sc"
+
+    @property
+    def needs_dicom(self) -> bool:
+        """A DICOM object references its source instances, study and patient, which a NIfTI input lacks."""
+        return self is not Output.NIFTI
+
+    @property
+    def title(self) -> str:
+        """How notes and errors name it."""
+        return _OUTPUT_TITLES[self]
+
+
+_OUTPUT_TITLES = {Output.NIFTI: "NIfTI label map", Output.DICOM_SEG: "DICOM-SEG", Output.RTSTRUCT: "RTSTRUCT",
+                  Output.SR: "DICOM SR", Output.SC: "key image (Secondary Capture)"}
 
 
 class ResultFile(str, Enum):
-    """The files a job leaves, with their media types. Label map and SEG answer an :class:`Output`; volumes and
-    preview are always written."""
+    """The files a job leaves, with their media types. Label map, SEG, RTSTRUCT, SR and key image answer an
+    :class:`Output`; volumes and preview are always written."""
 
     LABELMAP = "labelmap.nii.gz"
     SEG = "seg.dcm"
+    RTSTRUCT = "rtstruct.dcm"
+    SR = "sr.dcm"
+    SC = "sc.dcm"
     VOLUMES = "volumes.json"
     PREVIEW = "preview.png"
 
@@ -43,7 +64,8 @@ class ResultFile(str, Enum):
 
 
 _MEDIA = {ResultFile.LABELMAP: "application/gzip", ResultFile.SEG: "application/dicom",
-          ResultFile.VOLUMES: "application/json", ResultFile.PREVIEW: "image/png"}
+          ResultFile.RTSTRUCT: "application/dicom", ResultFile.SR: "application/dicom",
+          ResultFile.SC: "application/dicom", ResultFile.VOLUMES: "application/json", ResultFile.PREVIEW: "image/png"}
 
 
 class SegType(str, Enum):
@@ -105,18 +127,38 @@ class NodeKind(str, Enum):
     DIMSE = "dimse"
 
 
-OUTPUT_CHOICES = {"nifti": (Output.NIFTI,), "dicom-seg": (Output.DICOM_SEG,), "both": (Output.NIFTI, Output.DICOM_SEG)}
+class QualityFlag(str, Enum):
+    """Why a result may be wrong (server/imaging/quality.py): per label, or (the last three) per job. Written to
+    volumes.json and the SR, shown on the job and counted in ``/metrics``."""
+
+    TOUCHES_SCAN_END = "touches-scan-end"  # on the first or last slice: the organ may continue outside the scan
+    TOUCHES_FOV_EDGE = "touches-fov-edge"  # on the image's in-plane border: cut by the field of view
+    VOLUME_BELOW_REFERENCE = "volume-below-reference"  # under the bundle's reference range (reference_volume_ml)
+    VOLUME_ABOVE_REFERENCE = "volume-above-reference"
+    FRAGMENTED = "fragmented"  # several connected components, the largest holding under 90 % of the voxels
+    LOW_MARGIN = "low-margin"  # many voxels where the model's two best classes were close
+    HU_IMPLAUSIBLE = "hu-implausible"  # air not near -1000 HU or soft tissue off: a missing rescale?
+    NO_STRUCTURE_FOUND = "no-structure-found"  # the field of view holds none of the model's organs
+
+    @property
+    def per_job(self) -> bool:
+        return self in (QualityFlag.HU_IMPLAUSIBLE, QualityFlag.NO_STRUCTURE_FOUND)
+
+
+OUTPUT_CHOICES = {"nifti": (Output.NIFTI,), "dicom-seg": (Output.DICOM_SEG,), "rtstruct": (Output.RTSTRUCT,),
+                  "sr": (Output.SR,), "sc": (Output.SC,), "both": (Output.NIFTI, Output.DICOM_SEG)}
+OUTPUT_NAMES = ", ".join(OUTPUT_CHOICES)
 
 
 def parse_outputs(value: str) -> tuple[Output, ...]:
-    """``nifti``, ``dicom-seg``, ``both``, or a comma-separated list of those (the API's ``outputs`` parameter)."""
+    """A comma-separated list of output names (the API's ``outputs`` parameter); ``both`` is ``nifti,dicom-seg``."""
     from server.core.errors import InputError
 
     out: list[Output] = []
-    for part in (p.strip() for p in value.split(",") if p.strip()):
+    for part in (p.strip().lower() for p in value.split(",") if p.strip()):
         if part not in OUTPUT_CHOICES:
-            raise InputError(f"unknown output {part!r}; choose nifti, dicom-seg or both")
+            raise InputError(f"unknown output {part!r}; choose one or more of {OUTPUT_NAMES} (comma separated)")
         out += [o for o in OUTPUT_CHOICES[part] if o not in out]
     if not out:
-        raise InputError("outputs must name at least one of nifti, dicom-seg, both")
+        raise InputError(f"outputs must name at least one of {OUTPUT_NAMES}")
     return tuple(out)

@@ -19,7 +19,7 @@ import numpy as np
 from models.backends import Backend, choose, open_backend
 from models.bundle import Bundle, BundleError, load_bundle
 from models.preprocess import Preprocessor
-from models.sliding_window import SlidingWindow
+from models.sliding_window import MarginCounts, SlidingWindow
 from models.volume import Volume
 from server.core.settings import Settings
 
@@ -87,21 +87,29 @@ class Engine:
         return time.perf_counter() - start
 
     def segment(self, volume: Volume, progress: ProgressFn | None = None, timings: Timings | None = None) -> Volume:
+        return self.segment_scored(volume, progress, timings)[0]
+
+    def segment_scored(self, volume: Volume, progress: ProgressFn | None = None, timings: Timings | None = None,
+                       low_margin: float | None = None) -> tuple[Volume, MarginCounts | None]:
+        """``segment``; with ``low_margin``, also the per-label count of voxels whose two best logits were closer
+        than it (on the model's grid). The torchscript engine runs its own window on the device and gives none."""
         timings = timings or Timings()
         t = time.perf_counter()
         prepared = self.preprocessor.forward(volume.to_sitk(), with_body=self.skip_outside_body)
         timings.add("preprocess", time.perf_counter() - t)
         t = time.perf_counter()
         backend = self.backend
+        margins = None
         if hasattr(backend, "sliding_window"):  # the torchscript engine keeps the whole window on its device
             labels = backend.sliding_window(self.window, prepared.array, progress, body=prepared.body)
         else:
-            labels = self.window(prepared.array, self.predict_windows, progress, body=prepared.body)
+            labels, margins = self.window.run(prepared.array, self.predict_windows, progress, body=prepared.body,
+                                              low_margin=low_margin)
         timings.add("inference", time.perf_counter() - t)
         t = time.perf_counter()
         out = self.preprocessor.inverse(labels, prepared)
         timings.add("postprocess", time.perf_counter() - t)
-        return out
+        return out, margins
 
 
 def discover_bundles(dirs: list[Path]) -> list[Path]:

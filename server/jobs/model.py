@@ -1,6 +1,6 @@
 """What a job is: its request, its record, where its input came from, its claim by a worker, its deliveries.
 
-Typed once here and stored field by field (server/jobs/sqlite_store.py), so no layer passes a dict of parameters
+Typed once here and stored field by field (server/jobs/sql_store.py), so no layer passes a dict of parameters
 with hidden flags. The one decision every way in shares, what a job's input lets it produce and where its SEG may
 go, is :func:`settle_outputs`.
 """
@@ -112,7 +112,7 @@ class JobSpec:
     destinations: tuple[str, ...]
     destination_choice: DestinationChoice
     origin: Origin
-    phase: PhaseChoice | None = None  # stored in the record's ``params`` JSON (server/jobs/sqlite_store.py)
+    phase: PhaseChoice | None = None  # stored in the record's ``params`` JSON (server/jobs/sql_store.py)
 
     def __post_init__(self) -> None:
         if self.phase is not None and not isinstance(self.phase, PhaseChoice):
@@ -193,19 +193,24 @@ def settle_outputs(kind: InputKind, spec: JobSpec, strict: bool = True
                    ) -> tuple[tuple[Output, ...], tuple[str, ...], list[str]]:
     """What a job with this input produces and where its SEG goes; the only place that decides it.
 
-    A SEG references its source instances, so it needs DICOM input. NIfTI input asking for a SEG, or naming
-    destinations, is refused (the caller asked for something that cannot be made); with ``strict`` off (``ctseg
-    predict`` over a mix of inputs) the SEG is left out with a note. NIfTI input whose destinations came from a
-    default rule simply sends nothing, with a note. A destination is a request for the SEG.
+    A DICOM output (SEG, RTSTRUCT, SR, key image) references its source instances, study and patient, so it needs
+    DICOM input. NIfTI input asking for one, or naming destinations, is refused (the caller asked for something
+    that cannot be made); with ``strict`` off (``ctseg predict`` over a mix of inputs) those outputs are left out
+    with a note. NIfTI input whose destinations came from a default rule simply sends nothing, with a note. A
+    destination is a request for the SEG.
     """
     outputs, destinations, notes = list(spec.outputs), list(spec.destinations), []
     if kind == InputKind.NIFTI:
-        if Output.DICOM_SEG in outputs and strict:
-            raise InputError("dicom-seg needs DICOM input: a NIfTI file carries no source instances for a SEG to "
-                             "reference; ask for outputs=nifti or send the DICOM series")
-        if Output.DICOM_SEG in outputs:
-            outputs.remove(Output.DICOM_SEG)
-            notes.append("no DICOM-SEG: the input was NIfTI, which has no source instances to reference")
+        dicom_only = [o for o in outputs if o.needs_dicom]
+        if dicom_only and strict:
+            names = ", ".join(o.value for o in dicom_only)
+            raise InputError(f"{names} need{'s' if len(dicom_only) == 1 else ''} DICOM input: a NIfTI file carries "
+                             "no source instances, study or patient for a DICOM object to reference; ask for "
+                             "outputs=nifti or send the DICOM series")
+        if dicom_only:
+            outputs = [o for o in outputs if not o.needs_dicom]
+            notes.append(f"no {', '.join(o.title for o in dicom_only)}: the input was NIfTI, which has no source "
+                         "instances to reference")
         if destinations and spec.destination_choice == DestinationChoice.NAMED:
             raise InputError("destinations receive a DICOM-SEG, which needs DICOM input: a NIfTI file carries no "
                              "source instances to reference")

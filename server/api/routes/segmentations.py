@@ -26,10 +26,18 @@ from server.core.errors import (
     STORAGE_FULL,
     InputError,
     InsufficientStorage,
+    NotFound,
     storage_full,
 )
 from server.core.options import PhaseChoice
-from server.core.vocabulary import ErrorKind, OriginKind, ResultFile, parse_outputs
+from server.core.vocabulary import (
+    OUTPUT_NAMES,
+    ErrorKind,
+    OriginKind,
+    ResultFile,
+    parse_outputs,
+)
+from server.imaging.quality import StoredFlags, read_flags
 from server.jobs.model import Job, JobRequest, JobState, Origin
 from server.service import SegmentationService
 
@@ -63,7 +71,18 @@ def _parse_phase(value: str | None) -> PhaseChoice | None:
 
 
 def _public(service: SegmentationService, job: Job) -> JobOut:
-    return job_out(job, service.deliveries(job.id))
+    return job_out(job, service.deliveries(job.id), _quality(service, job))
+
+
+def _quality(service: SegmentationService, job: Job) -> StoredFlags | None:
+    """The flags a succeeded job's volumes.json holds (the job store keeps no copy of them)."""
+    if job.state != JobState.SUCCEEDED or ResultFile.VOLUMES not in job.results:
+        return None
+    try:
+        path, _ = service.result_path(job.id, ResultFile.VOLUMES.value)
+    except NotFound:  # removed in between
+        return None
+    return read_flags(path)
 
 
 async def _receive_upload(service: SegmentationService, request: JobRequest, http: Request) -> Job:
@@ -100,7 +119,7 @@ async def _receive_upload(service: SegmentationService, request: JobRequest, htt
         408: {"model": ErrorOut, "description": "the request body stalled or arrived too slowly (cut off)"},
         413: {"model": ErrorOut, "description": "upload over the size limit, or a JSON body over its limit"},
         422: {"model": InputErrorOut, "description": "unreadable input, several candidate series, NIfTI with "
-                                                      "dicom-seg, unknown destination, ..."},
+                                                      "a DICOM output, unknown output or destination, ..."},
         500: {"model": JobOut, "description": "the job failed inside the service (wait=true)"},
         502: {"model": ErrorOut, "description": "the source cannot be reached or failed"},
         507: {"model": ErrorOut, "description": "the service's storage is full"},
@@ -111,7 +130,9 @@ async def submit(
     request: Request,
     service: ServiceDep,
     model: Annotated[str | None, Query(description="bundle name; default: the service's default model")] = None,
-    outputs: Annotated[str, Query(description="nifti, dicom-seg or both", examples=["both"])] = "nifti",
+    outputs: Annotated[str, Query(description=f"comma separated: {OUTPUT_NAMES} (both = nifti,dicom-seg); the "
+                                              "DICOM outputs need DICOM input", examples=["both", "dicom-seg,sr,sc"])
+                       ] = "nifti",
     series_uid: Annotated[str | None, Query(description="SeriesInstanceUID to segment when several are sent")] = None,
     destinations: Annotated[str | None, Query(description="destination names for the SEG, comma separated, or "
                                                           "'none'; default: CTSEG_DEFAULT_DESTINATIONS")] = None,
