@@ -17,6 +17,7 @@ import ctseg
 from server.api.limits import BodyDeadlines, BodySizeLimit
 from server.api.routes import health, models, segmentations
 from server.api.security import PROBES, ApiKeyGuard
+from server.core.database import StoreBusy
 from server.core.errors import (
     STORAGE_FULL,
     BadGateway,
@@ -29,7 +30,6 @@ from server.core.errors import (
 )
 from server.core.metrics import UNMATCHED, method_label
 from server.core.settings import Settings
-from server.core.database import StoreBusy
 from server.jobs.lock import StorageLock
 from server.service import SegmentationService
 

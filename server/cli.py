@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         engines_from_settings(settings)
         if settings.dicom_port is not None:
             check_pynetdicom()  # the listener's receive-to-disk needs the pynetdicom it was written for
-        lock = StorageLock(settings.storage_dir).acquire()  # one service per storage folder
+        # one service per storage folder; replicas share theirs and coordinate through the database
+        lock = None if settings.replicated else StorageLock(settings.storage_dir).acquire()
         open_checked(settings).dispose()  # reachable, our credentials taken, migrated to this ctseg's schema
     except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError, UnsupportedPynetdicom,
             DatabaseUnavailable) as err:
@@ -49,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # every log line through the redacting formatter (models/logs.py), uvicorn's own included (no log_config)
     logs.install(settings.log_level.upper(), messages=settings.log_exception_messages)
+    if settings.role == "worker":  # one inference worker: no HTTP, no DICOM; jobs from the shared queue
+        from server.jobs.shared_queue import run_worker
+
+        return run_worker(settings)
     # uvicorn's access log prints the path with its query string (``?series_uid=``): the app writes its own
     # (server/app.py RequestObserver), by route template.
     logging.getLogger("ctseg.access").setLevel(settings.log_level.upper())

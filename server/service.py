@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from server.core.database import StoreBusy
 from server.core.durable import private_storage
 from server.core.errors import (
     InputError,
@@ -30,7 +31,6 @@ from server.core.metrics import Metrics
 from server.core.nodes import DimseNode, Route
 from server.core.options import PhaseChoice
 from server.core.settings import Settings
-from server.core.database import StoreBusy
 from server.core.vocabulary import (
     DestinationChoice,
     ErrorKind,
@@ -40,6 +40,7 @@ from server.core.vocabulary import (
 )
 from server.dicomnode.arrivals import ArrivalStore, ArrivedSeries
 from server.dicomnode.listener import DicomListener
+from server.imaging.quality import read_flags
 from server.inference.engine import Engine, engines_from_settings
 from server.jobs.files import JobFiles
 from server.jobs.local_queue import ProcessWorkers, ThreadWorkers, open_store
@@ -95,20 +96,24 @@ class SegmentationService:
         self.store = open_store(s)
         self.files = JobFiles(s.storage_dir)
         self.queue: JobQueue
-        if s.worker_mode == "process":
+        if s.replicated:  # API replicas and DICOM receivers: workers elsewhere take the jobs (procrastinate)
+            from server.jobs.shared_queue import SharedQueue
+
+            self.queue = SharedQueue(s, self.store)
+        elif s.worker_mode == "process":
             self.queue = ProcessWorkers(s, self._finished, self._lost)
         else:
             self.queue = ThreadWorkers(s, self.engines, self.store, self.files, self._finished)
         self.outbox = Outbox(s, self.store, self.files, self.metrics)
         self.arrivals: ArrivalStore | None = None
         self.listener: DicomListener | None = None
-        if s.dicom_port is not None:
+        if s.dicom_port is not None and s.role in ("all", "dicom"):
             self.arrivals = ArrivalStore(s.storage_dir, s.db_busy_timeout_s, s.db_patience_s)
             self.listener = DicomListener(s, self.arrivals, self.metrics, self.route_received, self.refuse_cut_off)
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        if not self.lock.held:
+        if not self.lock.held and not self.settings.replicated:  # replicas share the folder: leases coordinate
             self.lock.acquire()
         self._open()
         self.recover()
@@ -144,8 +149,12 @@ class SegmentationService:
         self.lock.release()
 
     def recover(self) -> None:
-        """What the last stop left, found with the storage lock held (so no other service is running it)."""
+        """What the last stop left, found with the storage lock held (so no other service is running it). A
+        replica holds no such lock: what other replicas run now is not its leftovers, and expired leases (the
+        sweeper) and delivery claims (their own expiry) say what a dead one abandoned."""
         s = self.settings
+        if s.replicated:
+            return
         for r in self.store.requeue_running("the service stopped while this job ran", s.job_max_attempts):
             self._count_requeue(r, "restart")
         released = self.store.release_delivery_claims()
@@ -511,6 +520,10 @@ class SegmentationService:
             self.metrics.jobs_finished.labels(state=final.state.value).inc()
             if final.timings:
                 self.metrics.inference_seconds.observe(sum(final.timings.values()))
+            if final.state == JobState.SUCCEEDED and ResultFile.VOLUMES in final.results:
+                stored = read_flags(self.files.result_path(final, ResultFile.VOLUMES))
+                if stored is not None:
+                    self.metrics.count_quality_flags(stored.all_flags())
         self.metrics.queue_depth.set(self.store.active())
         self.outbox.wake()
 

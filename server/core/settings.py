@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     # ---- several machines (README "Running on several machines"; server/core/blobs.py)
+    role: Literal["all", "api", "dicom", "worker"] = Field(
+        "all", description="which part of ctseg this process is (README 'Running on several machines'): all, the "
+                           "single box; api, a stateless REST replica; dicom, a DICOM receiver; worker, one inference "
+                           "worker (one per GPU). Every role but all needs a postgresql:// CTSEG_DATABASE_URL")
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="role worker: the models (bundle names) it serves, comma-separated; "
+                                          "empty: every bundle it has")
     database_url: SecretStr | None = Field(None, description="the job database: unset, SQLite in the storage "
                                            "folder; postgresql://user:password@host/db, the store several machines "
                                            "share (migrated at start, or by `ctseg db upgrade`)")
@@ -205,7 +212,22 @@ class Settings(BaseSettings):
                 return node
         raise KeyError(name)
 
-    @field_validator("bundle_dirs", "api_keys", "default_destinations", "dicom_allowed_ae_titles", mode="before")
+    @model_validator(mode="after")
+    def _roles_share_a_database(self) -> Settings:
+        url = self.database_url.get_secret_value() if self.database_url else ""
+        if self.role != "all" and not url.startswith(("postgresql", "postgres:")):
+            raise ValueError(f"CTSEG_ROLE={self.role} runs beside other ctseg processes, which share their jobs "
+                             "through PostgreSQL: set CTSEG_DATABASE_URL=postgresql://... (or CTSEG_ROLE=all)")
+        return self
+
+    @property
+    def replicated(self) -> bool:
+        """This process is one of several sharing the database (and the job files): nothing found at start can be
+        taken for its own leftovers; leases, not a storage lock, say what was abandoned."""
+        return self.role != "all"
+
+    @field_validator("bundle_dirs", "api_keys", "default_destinations", "dicom_allowed_ae_titles", "worker_models",
+                     mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

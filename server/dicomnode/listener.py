@@ -56,11 +56,11 @@ from pynetdicom import (
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import Verification
 
+from server.core.database import StoreBusy
 from server.core.errors import InputError, storage_full
 from server.core.metrics import Metrics
 from server.core.nodes import DimseNode, Route, normal_address, resolve_addresses
 from server.core.settings import Settings
-from server.core.database import StoreBusy
 from server.dicomnode.arrivals import ArrivalStore, ArrivedSeries, InstanceHeader
 from server.imaging.dicom_reader import read_header
 from server.imaging.sop import CT_IMAGE_STORAGE, READABLE_TRANSFER_SYNTAXES

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from server.core.database import StoreBusy
 from server.core.errors import InputError, NotFound, PayloadTooLarge, storage_full
 from server.core.settings import Settings
-from server.core.database import StoreBusy
 from server.core.vocabulary import ErrorKind, ResultFile
 from server.inference.engine import Engine
 from server.inference.pipeline import run_pipeline

@@ -1,0 +1,136 @@
+"""Several machines, as real processes on one: two API replicas (CTSEG_ROLE=api) and two inference workers
+(CTSEG_ROLE=worker) sharing a real PostgreSQL (jobs, outbox, procrastinate's queue ``seg.<model>``) and one storage
+folder (the shared volume), delivering to a real Orthanc. Jobs submitted to either replica run once on some worker
+and are visible through both; a worker SIGKILLed mid-job loses nothing and sends nothing twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import sqlalchemy as sa
+
+from common import REPO, Serve, wait_for
+from dicom_factory import series_from_image, to_bytes
+from pacs import Orthanc, dicomweb_node
+from phantoms import make_phantom
+from test_job_core import long_series
+
+LEASE_S = "3"
+
+
+class Worker:
+    """``ctseg serve`` with CTSEG_ROLE=worker: no port; ready once it says which queues it takes."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = {**env, "CTSEG_ROLE": "worker"}, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Worker:
+        self.proc = subprocess.Popen([sys.executable, "-m", "ctseg", "serve"], cwd=REPO, env=self.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            return "takes jobs from seg.intensity-test" in self.log.read_text()
+        wait_for(ready, 120, 0.2, "worker ready")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def cluster(tmp_path: Path, bundle: Path, url: str, orthanc: Orthanc, workers: int) -> tuple[list[Serve], list[Worker]]:
+    storage = tmp_path / "shared"
+    env = {"CTSEG_DATABASE_URL": url, "CTSEG_JOB_LEASE_S": LEASE_S, "CTSEG_SW_OVERLAP": "0.75",
+           "CTSEG_DESTINATIONS": json.dumps([dicomweb_node("pacs", orthanc)]), "CTSEG_DEFAULT_DESTINATIONS": "pacs"}
+    apis = [Serve(bundle, storage, tmp_path / f"api{n}.log", CTSEG_ROLE="api", **env) for n in range(2)]
+    base = {**apis[0].env}
+    base.pop("CTSEG_PORT")
+    pool = [Worker(base, tmp_path / f"worker{n}.log") for n in range(workers)]
+    for api in apis:
+        api.start()
+    for w in pool:
+        w.start()
+    return apis, pool
+
+
+def upload(api: Serve, datasets: list) -> str:
+    files = [("files", (f"f{i}", to_bytes(ds), "application/dicom")) for i, ds in enumerate(datasets)]
+    r = requests.post(api.url + "/v1/segmentations", files=files, timeout=120)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def owners(url: str) -> dict[str, tuple[str, int]]:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, owner, attempt FROM jobs")).all()
+    engine.dispose()
+    return {r.id: (r.owner, r.attempt) for r in rows}
+
+
+def test_jobs_sent_to_either_api_replica_run_once_on_the_workers_and_each_seg_is_sent_once(
+        intensity_bundle, tmp_path, pg_cluster):
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=2)
+        studies, jobs = [], []
+        for n in range(4):
+            image, _ = make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=n, noise=3.0)
+            datasets = series_from_image(image)
+            studies.append(datasets[0].StudyInstanceUID)
+            jobs.append(upload(apis[n % 2], datasets))
+        for n, job in enumerate(jobs):
+            record = apis[(n + 1) % 2].wait_finished(job, 240)  # read through the other replica
+            assert record["state"] == "succeeded" and record["attempt"] == 1, record
+        wait_for(lambda: all(apis[0].job(j)["deliveries"][0]["state"] == "delivered" for j in jobs), 90, 0.5,
+                 "every SEG delivered")
+        time.sleep(3)
+        assert [len(orthanc.seg_series(s)) for s in studies] == [1, 1, 1, 1]
+        assert orthanc.new_instance_changes() == 4  # four SEGs, each stored once
+        ran_on = {owner for owner, _ in owners(url).values()}
+        assert len(ran_on) >= 1 and all(owner for owner in ran_on)
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
+
+
+def test_a_worker_killed_mid_job_its_job_runs_again_on_another_and_its_seg_is_sent_once(
+        intensity_bundle, tmp_path, pg_cluster):
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1)
+        datasets = long_series()
+        job = upload(apis[0], datasets)
+        wait_for(lambda: apis[1].job(job)["state"] == "running", 120, 0.05, "the job running")
+        first_owner = owners(url)[job][0]
+        pool[0].kill()  # SIGKILL: its procrastinate entry stays 'doing'; the job's lease runs out
+        spare = Worker(pool[0].env, tmp_path / "spare.log").start()
+        pool.append(spare)
+        record = apis[1].wait_finished(job, 240)
+        assert record["state"] == "succeeded" and record["attempt"] == 2, record
+        assert any("ended without a result" in n for n in record["notes"]), record["notes"]
+        assert owners(url)[job][0] != first_owner
+        wait_for(lambda: apis[0].job(job)["deliveries"][0]["state"] == "delivered", 90, 0.5, "the SEG delivered")
+        time.sleep(3)
+        assert len(orthanc.seg_series(datasets[0].StudyInstanceUID)) == 1
+        assert orthanc.new_instance_changes() == 1
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
