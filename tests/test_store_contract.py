@@ -370,3 +370,31 @@ def test_postgresql_restarted_under_a_running_store_costs_a_retry_not_a_result(c
     threading.Timer(1.5, cluster.start).start()
     assert [d.destination for d in store.deliveries(claim.job_id)] == ["pacs"]
     store.close()
+
+
+def test_replicas_hold_at_most_max_senders_batches_for_one_destination(store):
+    for _ in range(12):
+        store.succeed(running(store), RESULT, ("pacs",))
+    results: list[list] = []
+    barrier = threading.Barrier(6)
+
+    def replica() -> None:
+        barrier.wait()
+        for _ in range(50):
+            try:
+                results.append(store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=2))
+                return
+            except StoreBusy:
+                continue
+    threads = [threading.Thread(target=replica) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [batch for batch in results if batch]
+    assert len(results) == 6 and len(held) == 2  # six replicas raced; two senders got a batch
+    assert store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=2) == []
+    for d in held[0]:
+        assert store.delivery_done(d, DeliveryState.DELIVERED)
+    assert len(store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=2)) == 2  # a slot came free
+    assert store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=3) != []  # the cap is the caller's

@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     delivery_probe_max_s: float = Field(30.0, gt=0, description="while a destination does not answer, it is checked "
                                         "(C-ECHO, HTTP) at least this often; the first answer drains its SEGs")
     delivery_give_up_hours: float = Field(72.0, gt=0, description="a delivery still failing after this is failed")
+    delivery_max_senders: int = Field(2, ge=1, description="associations (one per sending replica) open to one "
+                                      "destination at a time, across all replicas sharing the database")
 
     @model_validator(mode="after")
     def _seg_compression_fits_type(self) -> Settings:

@@ -5,7 +5,9 @@ lose: after a restart it finds the same pending rows and goes on. A delivery is 
 the destination's acknowledgement; the SEG's SOP Instance UID is the same on every attempt, so in the one window a
 crash can hit (acknowledged, not yet recorded) a resend replaces the instance rather than adding one.
 
-One sender thread per destination, each with a circuit breaker. While a destination answers, its due deliveries
+One sender thread per destination, each with a circuit breaker; with several replicas, at most
+``delivery_max_senders`` of them send to one destination at a time (one association each), so N replicas do not
+flood one PACS. While a destination answers, its due deliveries
 go out in claimed batches. When one fails with a retryable error the breaker opens: the others wait without
 costing a timeout each, and the destination is probed at an exponential back-off (``delivery_retry_base_s``
 doubled per consecutive failure, up to 10 % jitter), first with a cheap check (C-ECHO, or an HTTP request to the
@@ -82,7 +84,8 @@ class DestinationSender:
                     return min(IDLE_POLL_S, self.probe_at - now)
                 if now < self.deliver_at and not self._answers():
                     return 0.0
-            batch = ob.store.claim_deliveries(self.node.name, now, LEASE_S, BATCH if self.up else 1)
+            batch = ob.store.claim_deliveries(self.node.name, now, LEASE_S, BATCH if self.up else 1,
+                                              ob.settings.delivery_max_senders)
             if not batch:
                 due = ob.store.next_due(self.node.name)
                 return IDLE_POLL_S if due is None else min(IDLE_POLL_S, max(0.05, due - time.time()))

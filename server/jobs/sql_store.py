@@ -302,17 +302,34 @@ class SqlJobStore:
             sa.select(*_DELIVERY).where(D.c.job_id == job_id).order_by(D.c.id)).all())
         return [_delivery(r) for r in rows]
 
-    def claim_deliveries(self, destination: str, now: float, lease_s: float, limit: int) -> list[Delivery]:
+    def claim_deliveries(self, destination: str, now: float, lease_s: float, limit: int,
+                         max_senders: int | None = None) -> list[Delivery]:
         """Due deliveries to ``destination``, claimed with a token for ``lease_s`` so no other sender takes them
-        (on PostgreSQL, rows another sender is claiming this instant are skipped, not waited for)."""
+        (on PostgreSQL, rows another sender is claiming this instant are skipped, not waited for).
+
+        ``max_senders``: nothing is claimed while that many other batches for the destination are held. A sender
+        sends its batch one association at a time, so this caps the associations all replicas hold open to one
+        PACS. The count and the claim are one step: SQLite has one writer; PostgreSQL queues the destination's
+        claimers on an advisory lock for the transaction."""
         token = uuid.uuid4().hex
         due = (sa.select(D.c.id).where(
             (D.c.destination == destination) & (D.c.state == _PENDING) & (D.c.next_attempt <= now)
             & (D.c.claimed_until.is_(None) | (D.c.claimed_until < now)))
             .order_by(D.c.next_attempt, D.c.id).limit(limit).with_for_update(skip_locked=True))
-        rows = self.db.run("claim deliveries", lambda c: c.execute(
-            D.update().where(D.c.id.in_(due.scalar_subquery())).values(claim=token, claimed_until=now + lease_s)
-            .returning(*_DELIVERY)).all())
+
+        def body(c: Connection) -> list[Row[Any]]:
+            if max_senders is not None:
+                if c.dialect.name == "postgresql":
+                    c.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                        sa.func.hashtext("ctseg-outbox:" + destination))))
+                held = c.execute(sa.select(sa.func.count(sa.distinct(D.c.claim))).where(
+                    (D.c.destination == destination) & (D.c.state == _PENDING) & D.c.claim.is_not(None)
+                    & (D.c.claimed_until >= now))).scalar_one()
+                if held >= max_senders:
+                    return []
+            return c.execute(D.update().where(D.c.id.in_(due.scalar_subquery()))
+                             .values(claim=token, claimed_until=now + lease_s).returning(*_DELIVERY)).all()
+        rows = self.db.run("claim deliveries", body)
         return sorted((_delivery(r) for r in rows), key=lambda d: (d.next_attempt, d.id))
 
     def _ours_delivery(self, delivery: Delivery) -> Any:
