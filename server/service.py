@@ -65,6 +65,7 @@ from server.pacs import retrieve
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.1
+STAGING_LEASES = 4  # replicas: a staging job nobody touched for this many job leases lost its receiving replica
 
 
 class SegmentationService:
@@ -88,6 +89,7 @@ class SegmentationService:
         # Jobs are made in this process only (uploads, pulls, received series; one service per storage folder), so
         # one lock makes the queue limit's check and the job's creation atomic.
         self._admitting = threading.Lock()
+        self._staging: set[str] = set()  # jobs whose input this process is receiving (a replica's staging lease)
         self._last_sweep = self._in_touch_since = time.time()
 
     def _open(self) -> None:
@@ -246,7 +248,27 @@ class SegmentationService:
         for job in self.store.in_state(JobState.QUEUED):
             if job.updated < now - lease:
                 self.queue.submit(job.id)
+        if self.settings.replicated:
+            self._sweep_staging(now)
         self._last_sweep = time.time()
+
+    def _sweep_staging(self, now: float) -> None:
+        """Replicas: keep this process's uploads and pulls alive, and fail those whose replica died mid-input (no
+        other replica touched them for ``STAGING_LEASES`` leases); a received series is re-staged by its DICOM
+        receiver from its arrival record instead, never failed here."""
+        mine = list(self._staging)
+        try:
+            self.store.touch_staging(mine)
+        except StoreBusy:
+            return
+        cutoff = now - STAGING_LEASES * self.settings.job_lease_s
+        for job in self.store.in_state(JobState.STAGING):
+            if job.id in mine or job.origin.kind == OriginKind.DIMSE or job.updated >= cutoff:
+                continue
+            if self.store.refuse(job.id, ErrorKind.INTERRUPTED, "interrupted: the API replica receiving this "
+                                 "job's input stopped; send it again"):
+                log.warning("job %s: the replica receiving its input stopped; failed", job.id)
+                self.files.remove_input(job.id)
 
     def _count_requeue(self, r: Requeued, reason: str) -> None:
         self.metrics.job_attempts.labels(reason).inc()
@@ -293,6 +315,7 @@ class SegmentationService:
             if self.store.active() >= self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({self.settings.max_queue} jobs waiting or running); retry later")
             job = self.store.create(spec, supersedes)
+            self._staging.add(job.id)
         try:
             self.files.make_input_dir(job.id)
         except BaseException:
@@ -319,6 +342,7 @@ class SegmentationService:
         return self.get(job.id)
 
     def _enqueue(self, job: Job, staged: StagedInput, spec: JobSpec, notes: list[str]) -> None:
+        self._staging.discard(job.id)
         if not self.store.mark_staged(job.id, staged, spec, notes):
             raise NotFound(f"segmentation job {job.id} was removed while its input was checked")
         self.queue.submit(job.id)
@@ -328,6 +352,7 @@ class SegmentationService:
         """A job whose input never got staged, removed with its files (the client got the error). Files first: on a
         full disk they make the room the record's removal needs; a record that still cannot go stays ``staging``
         and is failed at the next start."""
+        self._staging.discard(job_id)
         self.files.remove(job_id)
         try:
             self.store.cancel(job_id)
@@ -336,6 +361,7 @@ class SegmentationService:
 
     def fail_staging(self, job_id: str, error: Exception) -> None:
         """A job whose input was refused, kept as a failed record (for inputs nobody is waiting on: C-STORE)."""
+        self._staging.discard(job_id)
         self.files.remove_input(job_id)
         kind = ErrorKind.INPUT if isinstance(error, (InputError, PayloadTooLarge)) else ErrorKind.INTERNAL
         message = str(error) if kind == ErrorKind.INPUT else f"internal error: {type(error).__name__}"

@@ -134,3 +134,49 @@ def test_a_worker_killed_mid_job_its_job_runs_again_on_another_and_its_seg_is_se
         for p in [*pool, *apis]:
             p.kill()
         orthanc.stop()
+
+
+def test_an_api_replica_killed_mid_upload_its_job_is_failed_by_another_and_frees_its_queue_slot(
+        intensity_bundle, tmp_path, pg_cluster):
+    import http.client
+    import threading
+
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=0)
+        datasets = series_from_image(make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=1)[0])
+        boundary = "ctsegboundary"
+        parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}\"\r\n"
+                  "Content-Type: application/dicom\r\n\r\n").encode() + to_bytes(ds) + b"\r\n"
+                 for i, ds in enumerate(datasets)]
+        stop = threading.Event()
+
+        def body():
+            yield parts[0]
+            yield parts[1]
+            stop.wait(60)  # the rest never comes: the replica dies first
+
+        def send() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", apis[0].port, timeout=60)
+            try:
+                conn.request("POST", "/v1/segmentations", body=body(), encode_chunked=True,
+                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                pass  # the replica is gone
+        threading.Thread(target=send, daemon=True).start()
+        staging = wait_for(lambda: [j for j in apis[1].jobs() if j["state"] == "staging"], 30, 0.1,
+                           "the upload's job staging")
+        job = staging[0]["id"]
+        time.sleep(1)
+        apis[0].kill()
+        stop.set()
+        record = apis[1].wait_finished(job, 90)
+        assert record["state"] == "failed" and "replica receiving" in record["error"], record
+        assert not (tmp_path / "shared" / "jobs" / job / "input").exists()
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()

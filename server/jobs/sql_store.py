@@ -153,6 +153,15 @@ class SqlJobStore:
             destinations=json.dumps(list(spec.destinations)), notes=json.dumps(list(staged.notes) + notes),
             updated=time.time())
 
+    def touch_staging(self, job_ids: list[str]) -> int:
+        """Jobs whose input this process is still receiving: their ``updated`` is now (a replica's staging lease;
+        another replica's sweeper fails a staging job nobody touched for long, its receiver having died)."""
+        if not job_ids:
+            return 0
+        return self.db.run("renew staging", lambda c: c.execute(
+            J.update().where(J.c.id.in_(job_ids) & (J.c.state == JobState.STAGING.value))
+            .values(updated=time.time())).rowcount, patience_s=0)
+
     def refuse(self, job_id: str, kind: ErrorKind, error: str) -> bool:
         """A job whose input was refused or cut off before it was queued: staging -> failed."""
         return self._update("fail a job", (J.c.id == job_id) & (J.c.state == JobState.STAGING.value),
