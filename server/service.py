@@ -395,7 +395,7 @@ class SegmentationService:
                      series.frames, series.calling_ae_title)
             return
         origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
-        request = JobRequest(route.model, (Output.DICOM_SEG,), series.series_uid, origin,
+        request = JobRequest(route.model, route.outputs, series.series_uid, origin,
                              tuple(route.destinations) if route.destinations is not None else None,
                              PhaseChoice(route.phase) if route.phase is not None else None)
         try:

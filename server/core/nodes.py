@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from server.core.options import PhaseChoice
-from server.core.vocabulary import NodeKind
+from server.core.vocabulary import NodeKind, Output, parse_outputs
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -113,7 +113,8 @@ def resolve_addresses(host: str) -> frozenset[str]:
 
 
 class Route(BaseModel):
-    """Which received series run, on which model, and where their SEG goes. The first matching route wins."""
+    """Which received series run, on which model, what they produce and where their SEG goes. The first matching
+    route wins."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,6 +127,17 @@ class Route(BaseModel):
     phase: str | None = Field(None, description="series holding several acquisitions (phases): which one to run, "
                                                 "'first', 'last' or its number (default: none; such a series fails "
                                                 "with the phases listed)")
+    outputs: tuple[Output, ...] = Field((Output.DICOM_SEG,), description="what a routed series' job writes, as the "
+                                        "API's outputs: a comma-separated list of nifti, dicom-seg, rtstruct, sr, sc "
+                                        "(default: dicom-seg); its destinations still receive the SEG only")
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: object) -> object:
+        """Read by the API's own parser, so a route and a request spell outputs alike; a JSON list is joined."""
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        return parse_outputs(value) if isinstance(value, str) else value
 
     @field_validator("series_description")
     @classmethod

@@ -35,7 +35,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import ExplicitVRLittleEndian
 from skimage import measure
 
 import ctseg
@@ -44,10 +44,10 @@ from models.labels import ANATOMICAL_STRUCTURE, Code, Label
 from server.imaging.dicom_reader import DicomSeries, frames_of
 from server.imaging.label_stats import plane_counts
 from server.imaging.result_identity import result_identity
+from server.imaging.sop import RT_STRUCTURE_SET_STORAGE
 
 log = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = RTStructureSetStorage
 # What RT Referenced Study Sequence's SOP Instance Reference names the study by (PS3.3 C.8.8.5): the Detached
 # Study Management SOP Class (retired), as planning systems write and expect it.
 STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"

@@ -20,10 +20,13 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     CTImageStorage,
     EnhancedCTImageStorage,
     LabelMapSegmentationStorage,
     LegacyConvertedEnhancedCTImageStorage,
+    RTStructureSetStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 
@@ -48,3 +51,9 @@ SEG_TRANSFER_SYNTAX: dict[SegCompression, UID] = {
     SegCompression.NONE: ExplicitVRLittleEndian, SegCompression.RLE: RLELossless,
     SegCompression.JPEG2000: JPEG2000Lossless, SegCompression.JPEGLS: JPEGLSLossless,
 }
+
+# The other result objects. The RTSTRUCT writer sets its class from here; highdicom sets the SR's and the key
+# image's itself, and these name what it writes for whoever must check or offer them (a sender's contexts).
+RT_STRUCTURE_SET_STORAGE: UID = RTStructureSetStorage
+COMPREHENSIVE_3D_SR_STORAGE: UID = Comprehensive3DSRStorage
+SECONDARY_CAPTURE_STORAGE: UID = SecondaryCaptureImageStorage
