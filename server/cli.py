@@ -24,7 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from models.backends import EngineUnavailable
     from models.bundle import BundleError
     from server.app import create_app
-    from server.core.database import DatabaseUnavailable, open_checked
+    from server.core.database import (
+        DatabaseInUse,
+        DatabaseUnavailable,
+        SingleBoxLock,
+        open_checked,
+    )
     from server.core.settings import Settings
     from server.dicomnode.listener import UnsupportedPynetdicom, check_pynetdicom
     from server.inference.engine import discover_bundles, engines_from_settings
@@ -43,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
             check_pynetdicom()  # the listener's receive-to-disk needs the pynetdicom it was written for
         # one service per storage folder; replicas share theirs and coordinate through the database
         lock = None if settings.replicated else StorageLock(settings.storage_dir).acquire()
-        open_checked(settings).dispose()  # reachable, our credentials taken, migrated to this ctseg's schema
+        db = open_checked(settings)  # reachable, our credentials taken, migrated to this ctseg's schema
+        # a single box on PostgreSQL owns the database as it owns its folder (held until the process ends)
+        single_box = SingleBoxLock(db) if db.postgres and not settings.replicated else None
     except (BundleError, EngineUnavailable, StorageLocked, ValidationError, ValueError, UnsupportedPynetdicom,
-            DatabaseUnavailable) as err:
+            DatabaseUnavailable, DatabaseInUse) as err:
         log.error("%s", err)
         return 2
     # every log line through the redacting formatter (models/logs.py), uvicorn's own included (no log_config)
@@ -57,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn's access log prints the path with its query string (``?series_uid=``): the app writes its own
     # (server/app.py RequestObserver), by route template.
     logging.getLogger("ctseg.access").setLevel(settings.log_level.upper())
-    uvicorn.run(create_app(settings, lock=lock), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    try:
+        uvicorn.run(create_app(settings, lock=lock), host=settings.host, port=settings.port,
+                    log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    finally:
+        if single_box is not None:
+            single_box.release()
+        db.dispose()
     return 0

@@ -14,11 +14,12 @@ client never got an answer), associations that were open count as aborted.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
 
-from server.core.database import StoreBusy
+from server.core.database import Database, StoreBusy
 from server.core.durable import private_storage
 from server.core.errors import (
     InputError,
@@ -110,7 +111,11 @@ class SegmentationService:
         self.arrivals: ArrivalStore | None = None
         self.listener: DicomListener | None = None
         if s.dicom_port is not None and s.role in ("all", "dicom"):
-            self.arrivals = ArrivalStore(s.storage_dir, s.db_busy_timeout_s, s.db_patience_s)
+            # the arrival index beside the jobs: in PostgreSQL, receivers on several machines share it
+            shared = Database.from_settings(s) if s.database_url else None
+            self.arrivals = ArrivalStore(s.storage_dir, s.db_busy_timeout_s, s.db_patience_s, db=shared,
+                                         receiver=f"{socket.gethostname()}:{s.dicom_port}",
+                                         stale_s=2 * s.job_lease_s)
             self.listener = DicomListener(s, self.arrivals, self.metrics, self.route_received, self.refuse_cut_off)
 
     # ---------------------------------------------------------------------------------------- lifecycle

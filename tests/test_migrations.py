@@ -114,3 +114,11 @@ def test_connections_stay_few_whatever_the_threads(tmp_path):
     threading.Thread(target=store.counts).start()
     assert store.connections() <= 3
     store.close()
+
+
+def test_a_new_database_tells_a_release_before_alembic_to_keep_off(tmp_path):
+    """That release would re-run its ALTERs on it and crash; it reads these rows and refuses it instead."""
+    SqlJobStore(Database.embedded(tmp_path)).close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        versions = dict(db.execute("SELECT component, version FROM schema_migrations"))
+    assert versions == {"jobs": ADOPTED, "arrivals": ADOPTED}

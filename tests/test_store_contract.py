@@ -68,8 +68,9 @@ def test_the_migrated_schema_is_the_one_the_store_queries(url):
     db = Database(url)
     assert db.upgrade() == db.revision()
     with db.engine.connect() as conn:
+        # the queue's tables are procrastinate's; schema_migrations tells releases before Alembic to keep off
         context = MigrationContext.configure(conn, opts={"include_name": lambda name, kind, _: not (
-            kind == "table" and name.startswith("procrastinate_"))})  # the queue's tables are procrastinate's
+            kind == "table" and (name.startswith("procrastinate_") or name == "schema_migrations"))})
         diff = compare_metadata(context, metadata)
     assert diff == []
     assert db.upgrade() == db.revision()  # at head: nothing applied again
@@ -398,3 +399,104 @@ def test_replicas_hold_at_most_max_senders_batches_for_one_destination(store):
         assert store.delivery_done(d, DeliveryState.DELIVERED)
     assert len(store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=2)) == 2  # a slot came free
     assert store.claim_deliveries("pacs", time.time(), 60, 2, max_senders=3) != []  # the cap is the caller's
+
+
+class CommitReplyCutter:
+    """A TCP proxy in front of PostgreSQL that, when armed, forwards the next COMMIT and cuts the connection
+    before the server's reply reaches the client: the write landed, the client cannot know (a failover, a cut)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.upstream, self.armed = port, threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.cuts = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            cut = threading.Event()
+            threading.Thread(target=self._pump, args=(client, server, True, cut), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False, cut), daemon=True).start()
+
+    def _pump(self, src, dst, upward: bool, cut: threading.Event) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                if not upward and cut.is_set():
+                    continue  # the reply is dropped
+                if upward and self.armed.is_set() and b"COMMIT\x00" in data:
+                    self.armed.clear()
+                    cut.set()
+                    dst.sendall(data)
+                    time.sleep(0.3)  # the server commits; its answer never arrives
+                    self.cuts += 1
+                    for s in (src, dst):
+                        s.shutdown(socket.SHUT_RDWR)
+                        s.close()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_commit_whose_reply_was_lost_is_reported_as_the_write_that_landed(pg_cluster):
+    url = pg_cluster.new_database()
+    cutter = CommitReplyCutter(pg_cluster.port)
+    store = SqlJobStore(Database(url.replace(f":{pg_cluster.port}/", f":{cutter.port}/"), busy_timeout_s=2,
+                                 patience_s=20))
+    cutter.armed.set()
+    job = store.create(SPEC)  # retried after its COMMIT landed: not a duplicate key, one row
+    assert store.all_ids() == {job.id}
+    staged = StagedInput(InputKind.DICOM, ("a.dcm",), SPEC.series_uid, "the input", SPEC.origin)
+    cutter.armed.set()
+    assert store.mark_staged(job.id, staged, SPEC, [])  # landed: True, not "removed meanwhile"
+    cutter.armed.set()
+    claim = store.claim(job.id, "worker-1", 30)
+    assert claim is not None and claim.attempt == 1  # the claim that landed is ours, not "taken by another"
+    cutter.armed.set()
+    assert store.succeed(claim, RESULT, ("pacs",))  # a finished result is never reported lost
+    assert store.get(job.id).state == JobState.SUCCEEDED and len(store.deliveries(job.id)) == 1
+    assert cutter.cuts == 4
+    other = running(store)
+    cutter.armed.set()
+    assert store.fail(other, ErrorKind.INTERNAL, "boom")
+    store.close()
+
+
+def test_a_database_that_refuses_who_we_are_fails_at_once_naming_it_without_its_password(pg_cluster):
+    from server.core.database import DatabaseUnavailable, open_checked
+    from server.core.settings import Settings
+
+    for url in (pg_cluster.url("no_such_db"), f"postgresql://nobody:S3cretPW@127.0.0.1:{pg_cluster.port}/postgres",
+                f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/no_such_db?password=S3cretPW"):
+        t = time.monotonic()
+        with pytest.raises(DatabaseUnavailable) as refused:
+            open_checked(Settings(database_url=url, db_patience_s=300))
+        assert time.monotonic() - t < 10  # not retried as if busy for the 300 s of patience
+        assert "does not exist" in str(refused.value) and "S3cretPW" not in str(refused.value)
+
+
+def test_a_second_single_box_on_one_postgresql_database_is_refused(pg_cluster):
+    from server.core.database import DatabaseInUse, SingleBoxLock
+
+    first_db, second_db = Database(pg_cluster.new_database()), None
+    first = SingleBoxLock(first_db)
+    second_db = Database(first_db.url)
+    with pytest.raises(DatabaseInUse, match="in use by another single-box ctseg"):
+        SingleBoxLock(second_db)
+    first.release()
+    SingleBoxLock(second_db).release()  # once the first is gone, the database is free
+    for db in (first_db, second_db):
+        db.dispose()

@@ -46,7 +46,10 @@ DB_NAME = "jobs.sqlite3"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # PostgreSQL SQLSTATEs that mean "try again": lock_not_available, serialization_failure, deadlock_detected,
 # and the connection exception class (08xxx) and admin shutdown (57P01) of a restart or failover.
-_TRANSIENT_SQLSTATES = {"55P03", "40001", "40P01", "57P01", "57P02", "57P03"}
+# read_only_sql_transaction (25006): a write that reached a standby during a failover.
+_TRANSIENT_SQLSTATES = {"55P03", "40001", "40P01", "57P01", "57P02", "57P03", "25006"}
+# A connection refused for what it asked, not for the moment: retrying would only hide the mistake for minutes.
+_FATAL_CONNECT = ("does not exist", "authentication failed", "password", "no pg_hba.conf entry", "permission denied")
 _UPGRADE_LOCK = 0x63747365  # "ctse": the advisory lock concurrent upgraders of one PostgreSQL database queue on
 
 
@@ -67,9 +70,12 @@ def embedded_url(storage: Path) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and errors."""
+    """The URL without its password (in the user part or the query string), for logs and errors."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.make_url(url)
+        query = {k: ("***" if any(w in k.lower() for w in ("password", "secret", "token", "key")) else v)
+                 for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL that does not parse is not echoed at all
         return "<database URL>"
 
@@ -93,8 +99,10 @@ class Database:
         elif self.dialect == "postgresql":
             if parsed.drivername in ("postgresql", "postgres"):
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            self.engine = sa.create_engine(parsed, pool_size=5, max_overflow=20, pool_pre_ping=True,
-                                           connect_args={"connect_timeout": max(1, int(busy_timeout_s))})
+            # target_session_attrs: after a failover, connect to the new primary, never to a standby
+            self.engine = sa.create_engine(parsed, pool_size=5, max_overflow=60, pool_pre_ping=True, pool_timeout=10,
+                                           connect_args={"connect_timeout": max(1, int(busy_timeout_s)),
+                                                         "target_session_attrs": "read-write"})
         else:
             raise ValueError(f"CTSEG_DATABASE_URL must be sqlite:///... or postgresql://..., not {self.dialect}://")
 
@@ -147,7 +155,8 @@ class Database:
         return retry(once, self.patience_s if patience_s is None else patience_s, what)
 
     def read(self, what: str, fn: Callable[[Connection], T]) -> T:
-        """``fn`` in one read-only transaction (a consistent snapshot), retried like a write."""
+        """``fn`` in one transaction that only reads, retried like a write (SQLite: one snapshot; PostgreSQL at
+        READ COMMITTED: each statement sees what was committed when it began)."""
         def once() -> T:
             with self.transaction(read=True) as conn:
                 return fn(conn)
@@ -178,7 +187,10 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Busy, locked, a serialization failure, a deadlock or a broken connection: worth another try."""
+    """Busy, locked, a serialization failure, a deadlock, a broken connection or every pooled connection in use:
+    worth another try. A connection refused for its database, role or password is not."""
+    if isinstance(err, sa.exc.TimeoutError):  # the pool's: all connections busy (a slow database, a burst)
+        return True
     if isinstance(err, sa.exc.DBAPIError):
         if err.connection_invalidated:
             return True
@@ -189,8 +201,11 @@ def is_transient(err: BaseException) -> bool:
     sqlstate = getattr(err, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
-    # psycopg's OperationalError without a SQLSTATE: the server could not be reached (refused, reset, restarting)
-    return type(err).__module__.startswith("psycopg") and type(err).__name__ == "OperationalError"
+    # psycopg's OperationalError without a SQLSTATE: the server could not be reached (refused, reset, restarting),
+    # unless it answered and refused who we are
+    if type(err).__module__.startswith("psycopg") and type(err).__name__ == "OperationalError":
+        return not any(word in str(err).lower() for word in _FATAL_CONNECT)
+    return False
 
 
 def retry(fn: Callable[[], T], patience_s: float, what: str) -> T:
@@ -201,7 +216,7 @@ def retry(fn: Callable[[], T], patience_s: float, what: str) -> T:
     while True:
         try:
             return fn()
-        except (sa.exc.DBAPIError, sqlite3.OperationalError) as err:
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError, sqlite3.OperationalError) as err:
             if not is_transient(err):
                 raise
             if time.monotonic() + delay > deadline:
@@ -239,3 +254,29 @@ def open_checked(settings: Settings, migrate: bool = True) -> Database:
         raise DatabaseUnavailable(f"database {db.safe_url} cannot be used: {type(cause).__name__}: "
                                   f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from err
     return db
+
+
+class DatabaseInUse(RuntimeError):
+    """Another single-box ctseg (CTSEG_ROLE=all) already uses this PostgreSQL database."""
+
+
+class SingleBoxLock:
+    """A single box (``CTSEG_ROLE=all``) on PostgreSQL recovers what it finds at start as its own: the database is
+    its alone, like its storage folder. A session advisory lock on a connection held for the process's life says
+    so (the server releases it when the process dies, however it dies); a second one is refused."""
+
+    KEY = 0x63746231  # "ctb1"
+
+    def __init__(self, db: Database) -> None:
+        self._conn = db.engine.connect()
+        got = self._conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": self.KEY}).scalar()
+        self._conn.commit()
+        if not got:
+            self._conn.close()
+            raise DatabaseInUse(f"database {db.safe_url} is in use by another single-box ctseg (CTSEG_ROLE=all); "
+                                "run replicas with CTSEG_ROLE=api|dicom|worker, or give this one its own database")
+
+    def release(self) -> None:
+        self._conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": self.KEY})
+        self._conn.commit()
+        self._conn.close()

@@ -94,7 +94,10 @@ associations = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("opened", TIME, nullable=False),
     sa.Column("closed", TIME),
+    sa.Column("receiver", sa.Text),  # the receiver replica holding it (0003)
+    sa.Column("seen", TIME),  # when that receiver last renewed it
     sa.Index("associations_state", "state"),
+    sa.Index("associations_receiver", "receiver", "state"),
 )
 
 arrival_instances = sa.Table(

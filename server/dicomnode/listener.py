@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
+import sqlalchemy as sa
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
@@ -318,6 +319,7 @@ class DicomListener:
         self._max_bytes = settings.dicom_max_instance_mb * 2**20
         self._verify = Senders(settings.destinations)
         self._swept = 0.0
+        self._renewed = 0.0
         self._told_waiting: set[str] = set()
         self._stopping = threading.Event()
         self._router: threading.Thread | None = None
@@ -586,7 +588,7 @@ class DicomListener:
             with self._lock:
                 sender = self._senders.get(id(event.assoc))
             self.arrivals.store_instance(assoc_id, self._calling(event), header, received, sender)
-        except (OSError, sqlite3.Error, StoreBusy) as err:
+        except (OSError, sqlite3.Error, sa.exc.SQLAlchemyError, StoreBusy) as err:
             why = "the storage is full" if storage_full(err) else f"cannot store it ({type(err).__name__})"
             log.error("C-STORE answered Out of Resources: %s", why)
             self._refuse(event)
@@ -606,6 +608,9 @@ class DicomListener:
     def route_due(self) -> None:
         s = self.settings
         now = time.time()
+        if now - self._renewed >= self.arrivals.stale_s / 6:  # several receivers: ours are alive, a dead one's not
+            self.arrivals.heartbeat()
+            self._renewed = now
         waiting = {"receiving": 0, "incomplete": 0}
         for series in self.arrivals.due(now - s.dicom_stable_seconds):
             if self._stopping.is_set():

@@ -111,7 +111,8 @@ class SqlJobStore:
         now = time.time()
         job_id = uuid.uuid4().hex
         job = Job(job_id, JobState.STAGING, spec, now, now, supersedes=supersedes, seg_seed=job_id)
-        self.db.run("create a job", lambda c: c.execute(J.insert().values(
+        # ON CONFLICT DO NOTHING: a retry after a COMMIT whose reply was lost finds its own row (the id is ours)
+        self.db.run("create a job", lambda c: c.execute(_insert(c, J).on_conflict_do_nothing().values(
             id=job_id, state=JobState.STAGING.value, model=spec.model, params=_params(spec), created=now, updated=now,
             origin=json.dumps(spec.origin.to_dict()), destinations=json.dumps(list(spec.destinations)),
             outputs_requested=json.dumps([o.value for o in spec.outputs]), series_uid=spec.series_uid,
@@ -140,18 +141,27 @@ class SqlJobStore:
     def all_ids(self) -> set[str]:
         return set(self.db.read("list jobs", lambda c: c.execute(sa.select(J.c.id)).scalars().all()))
 
-    def _update(self, what: str, where: Any, patience_s: float | None = None, **values: Any) -> bool:
-        return self.db.run(what, lambda c: c.execute(J.update().where(where).values(**values)).rowcount == 1,
-                           patience_s)
+    def _update(self, what: str, where: Any, patience_s: float | None = None, mine: Any = None,
+                **values: Any) -> bool:
+        """One row changed. ``mine``: what the row looks like once this very write landed (its ``updated`` time is
+        the token), so a retry after a COMMIT whose reply was lost (PostgreSQL: a failover, a cut connection)
+        reports the write that did land instead of "nothing changed"."""
+        def body(c: Connection) -> bool:
+            if c.execute(J.update().where(where).values(**values)).rowcount == 1:
+                return True
+            return mine is not None and c.execute(sa.select(J.c.id).where(mine)).first() is not None
+        return self.db.run(what, body, patience_s)
 
     def mark_staged(self, job_id: str, staged: StagedInput, spec: JobSpec, notes: list[str]) -> bool:
         """staging -> queued, with what staging chose and what the input lets the job produce."""
+        now = time.time()
         return self._update(
             "queue a job", (J.c.id == job_id) & (J.c.state == JobState.STAGING.value),
+            mine=(J.c.id == job_id) & (J.c.state == JobState.QUEUED.value) & (J.c.updated == now),
             state=JobState.QUEUED.value, staged=json.dumps(staged.to_dict()), input_kind=staged.kind.value,
             outputs_requested=json.dumps([o.value for o in spec.outputs]),
             destinations=json.dumps(list(spec.destinations)), notes=json.dumps(list(staged.notes) + notes),
-            updated=time.time())
+            updated=now)
 
     def touch_staging(self, job_ids: list[str]) -> int:
         """Jobs whose input this process is still receiving: their ``updated`` is now (a replica's staging lease;
@@ -170,11 +180,18 @@ class SqlJobStore:
     def claim(self, job_id: str, owner: str, lease_s: float) -> Claim | None:
         """queued -> running, atomically: the attempt number it returns fences every later write of this run."""
         now = time.time()
-        attempt = self.db.run("claim a job", lambda c: c.execute(
-            J.update().where((J.c.id == job_id) & (J.c.state == JobState.QUEUED.value))
-            .values(state=_RUNNING, attempt=J.c.attempt + 1, lease_until=now + lease_s, owner=owner,
-                    progress_done=0, progress_total=0, updated=now)
-            .returning(J.c.attempt)).scalar())
+
+        def body(c: Connection) -> int | None:
+            attempt = c.execute(J.update().where((J.c.id == job_id) & (J.c.state == JobState.QUEUED.value))
+                                .values(state=_RUNNING, attempt=J.c.attempt + 1, lease_until=now + lease_s,
+                                        owner=owner, progress_done=0, progress_total=0, updated=now)
+                                .returning(J.c.attempt)).scalar()
+            if attempt is None:  # a retry after our own claim landed (its reply lost): the claim is ours
+                attempt = c.execute(sa.select(J.c.attempt).where(
+                    (J.c.id == job_id) & (J.c.state == _RUNNING) & (J.c.owner == owner)
+                    & (J.c.updated == now))).scalar()
+            return attempt
+        attempt = self.db.run("claim a job", body)
         return Claim(job_id, attempt, owner) if attempt is not None else None
 
     @staticmethod
@@ -191,8 +208,11 @@ class SqlJobStore:
                             progress_total=total, updated=time.time())
 
     def fail(self, claim: Claim, kind: ErrorKind, error: str) -> bool:
+        now = time.time()
         return self._update("fail a job", self._ours(claim), state=JobState.FAILED.value, error_kind=kind.value,
-                            error=error, lease_until=None, updated=time.time())
+                            error=error, lease_until=None, updated=now,
+                            mine=(J.c.id == claim.job_id) & (J.c.attempt == claim.attempt)
+                            & (J.c.state == JobState.FAILED.value) & (J.c.updated == now))
 
     def succeed(self, claim: Claim, result: JobResult, deliver_to: tuple[str, ...]) -> bool:
         """The job's success and its SEG's deliveries, in one transaction; nothing if the claim is stale."""
@@ -203,7 +223,11 @@ class SqlJobStore:
                 state=JobState.SUCCEEDED.value, timings=json.dumps(result.timings),
                 notes=json.dumps(list(result.notes)), outputs=json.dumps([r.value for r in result.results]),
                 lease_until=None, updated=now)).rowcount
-            if changed and deliver_to:
+            if not changed:  # a retry after our own success landed (its reply lost): it is ours, deliveries too
+                return c.execute(sa.select(J.c.id).where(
+                    (J.c.id == claim.job_id) & (J.c.attempt == claim.attempt)
+                    & (J.c.state == JobState.SUCCEEDED.value) & (J.c.updated == now))).first() is not None
+            if deliver_to:
                 c.execute(_insert(c, D).values([
                     {"job_id": claim.job_id, "destination": name, "state": _PENDING, "created": now,
                      "next_attempt": now} for name in deliver_to]).on_conflict_do_nothing())
@@ -269,6 +293,9 @@ class SqlJobStore:
             if not old.state.finished:
                 values |= {"state": JobState.SUPERSEDED.value, "lease_until": None}
             c.execute(J.update().where(J.c.id == job_id).values(**values))
+            # Its deliveries locked first: a sender on another machine starting one of them now (begin_send) waits,
+            # then finds it superseded; one already started counts as reached.
+            c.execute(sa.select(D.c.id).where(D.c.job_id == job_id).with_for_update()).all()
             reached = c.execute(sa.select(D.c.destination).where(
                 (D.c.job_id == job_id) & ((D.c.state == DeliveryState.DELIVERED.value)
                                           | ((D.c.state == _PENDING) & D.c.claim.is_not(None)

@@ -59,5 +59,7 @@ def upgrade(db: Database) -> str:
             command.stamp(cfg, BASELINE)
             log.info("database from a release before Alembic adopted at revision %s", BASELINE)
         command.upgrade(cfg, "head")
+        if db.dialect == "sqlite":
+            legacy.refuse_old_releases(conn)  # a release before Alembic refuses this file rather than alter it
         log.info("database schema at revision %s", target)
     return target

@@ -112,3 +112,15 @@ def bring_up(conn: Connection) -> None:
             step(db)
         db.execute("INSERT INTO schema_migrations (component, version) VALUES (?, ?) ON CONFLICT(component) "
                    "DO UPDATE SET version = excluded.version", (component, ADOPTED))
+
+
+def refuse_old_releases(conn: Connection) -> None:
+    """Mark any SQLite database this ctseg migrates (adopted or new) as newer than a release before Alembic knows,
+    so that one refuses it with a sentence instead of re-running its ALTERs on it (an adopted database has its
+    rows from :func:`bring_up` already)."""
+    db: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone()
+    if exists:
+        return  # bring_up reads and then replaces its rows
+    db.execute("CREATE TABLE schema_migrations (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    db.executemany("INSERT INTO schema_migrations VALUES (?, ?)", [(c, ADOPTED) for c in STEPS])
