@@ -335,10 +335,21 @@ class SegmentationService:
         engine = self.engine(job.model)
         staged = stage(self.files.input_dir(job.id), job.origin, job.spec.series_uid, {engine.bundle.modality},
                        self.settings.zip_limits(), job.spec.phase, self.settings.dicom_bounds())
-        outputs, destinations, notes = settle_outputs(staged.kind, job.spec)
+        outputs, destinations, notes = settle_outputs(staged.kind, job.spec, sent=self._sent(job.spec.destinations))
         spec = JobSpec(job.spec.model, outputs, job.spec.series_uid, destinations, job.spec.destination_choice,
                        job.spec.origin, job.spec.phase)
         return spec, notes, staged
+
+    def _sent(self, destinations: tuple[str, ...]) -> tuple[Output, ...]:
+        """The objects these destinations receive, together (one no longer configured: the SEG)."""
+        sent: list[Output] = []
+        for name in destinations:
+            try:
+                objects = self.settings.destination(name).objects
+            except KeyError:
+                objects = (Output.DICOM_SEG,)
+            sent += [o for o in objects if o not in sent]
+        return tuple(sent) or (Output.DICOM_SEG,)
 
     def stage_and_enqueue(self, job: Job) -> Job:
         """Check the job's input once, record what was chosen, queue it. Raises the input's error."""

@@ -12,6 +12,7 @@ from server.core.vocabulary import (
     OriginKind,
     Output,
     QualityFlag,
+    ResultFile,
 )
 from server.imaging.quality import StoredFlags
 from server.jobs.model import Delivery, Job, JobState
@@ -43,6 +44,8 @@ class ProgressOut(BaseModel):
 
 class DeliveryOut(BaseModel):
     destination: str
+    object: ResultFile = Field(ResultFile.SEG, description="the result file sent (seg.dcm, rtstruct.dcm, sr.dcm, "
+                               "sc.dcm): a destination receives the objects it is configured for")
     state: DeliveryState
     attempts: int
     last_error: str | None = None
@@ -118,7 +121,7 @@ def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = 
         results={r.value: f"/v1/segmentations/{job.id}/{r.value}" for r in job.results},
         quality=QualityOut(flags=quality.all_flags(), job=list(quality.job),
                            labels={k: list(v) for k, v in quality.labels.items()}) if quality is not None else None,
-        deliveries=[DeliveryOut(destination=d.destination, state=d.state, attempts=d.attempts, last_error=d.last_error,
+        deliveries=[DeliveryOut(destination=d.destination, object=d.object, state=d.state, attempts=d.attempts, last_error=d.last_error,
                                 warning=d.warning,
                                 next_attempt=d.next_attempt if d.state == DeliveryState.PENDING else None,
                                 delivered_at=d.delivered_at) for d in deliveries],

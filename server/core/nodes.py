@@ -47,7 +47,26 @@ class _Node(BaseModel):
     timeout_s: float = Field(30.0, gt=0, le=3600, description="network timeout of one exchange")
 
 
-class DicomWebNode(_Node):
+class _Destination(BaseModel):
+    """What a destination receives: the DICOM objects of each job sent to it (``objects``)."""
+
+    objects: tuple[Output, ...] = Field((Output.DICOM_SEG,), description="the DICOM objects a job sends here, as "
+                                        "the API's outputs: dicom-seg, rtstruct, sr, sc (default: dicom-seg); a "
+                                        "planning system takes rtstruct, a PACS dicom-seg,sr,sc")
+
+    @field_validator("objects", mode="before")
+    @classmethod
+    def _objects(cls, value: object) -> object:
+        """Read by the API's own parser; a JSON list is joined. Only DICOM objects can be sent."""
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        objects = parse_outputs(value) if isinstance(value, str) else value
+        if isinstance(objects, tuple) and Output.NIFTI in objects:
+            raise ValueError("a destination receives DICOM objects (dicom-seg, rtstruct, sr, sc), not nifti")
+        return objects
+
+
+class DicomWebNode(_Node, _Destination):
     """A DICOMweb service: STOW-RS to store, WADO-RS to retrieve (``url`` is the DICOMweb root)."""
 
     kind: Literal[NodeKind.DICOMWEB]
@@ -72,7 +91,7 @@ class DicomWebNode(_Node):
         return self
 
 
-class DimseNode(_Node):
+class DimseNode(_Node, _Destination):
     """A DICOM (DIMSE) peer: C-STORE to store, C-GET to retrieve."""
 
     kind: Literal[NodeKind.DIMSE]

@@ -60,7 +60,8 @@ deliveries = sa.Table(
     sa.Column("claimed_until", TIME),
     sa.Column("warning", sa.Text),
     sa.Column("claim", sa.Text),
-    sa.UniqueConstraint("job_id", "destination"),
+    sa.Column("object", sa.Text, nullable=False, server_default=sa.text("'seg.dcm'")),  # a ResultFile (0004)
+    sa.UniqueConstraint("job_id", "destination", "object", name="deliveries_job_destination_object"),
     sa.Index("deliveries_due", "state", "next_attempt"),
     sa.Index("deliveries_destination", "destination", "state", "next_attempt"),
     sqlite_autoincrement=True,

@@ -36,6 +36,11 @@ class Output(str, Enum):
         """How notes and errors name it."""
         return _OUTPUT_TITLES[self]
 
+    @property
+    def result(self) -> ResultFile:
+        """The file it is written to (and, for a DICOM object, what a destination is sent)."""
+        return _OUTPUT_FILES[self]
+
 
 _OUTPUT_TITLES = {Output.NIFTI: "NIfTI label map", Output.DICOM_SEG: "DICOM-SEG", Output.RTSTRUCT: "RTSTRUCT",
                   Output.SR: "DICOM SR", Output.SC: "key image (Secondary Capture)"}
@@ -63,6 +68,8 @@ class ResultFile(str, Enum):
         return self is not ResultFile.PREVIEW
 
 
+_OUTPUT_FILES = {Output.NIFTI: ResultFile.LABELMAP, Output.DICOM_SEG: ResultFile.SEG, Output.RTSTRUCT: ResultFile.RTSTRUCT,
+                 Output.SR: ResultFile.SR, Output.SC: ResultFile.SC}
 _MEDIA = {ResultFile.LABELMAP: "application/gzip", ResultFile.SEG: "application/dicom",
           ResultFile.RTSTRUCT: "application/dicom", ResultFile.SR: "application/dicom",
           ResultFile.SC: "application/dicom", ResultFile.VOLUMES: "application/json", ResultFile.PREVIEW: "image/png"}

@@ -171,8 +171,16 @@ class JobExecutor:
 
     def _commit(self, claim: Claim, job: Job, result: JobResult) -> bool:
         """Success and the SEG's deliveries in one transaction: the outbox holds it before the job counts as done."""
-        deliver_to = job.spec.destinations if ResultFile.SEG in result.results else ()
+        deliver_to = tuple((name, obj) for name in job.spec.destinations for obj in self._objects(name)
+                           if obj in result.results)
         return self.store.succeed(claim, result, deliver_to)
+
+    def _objects(self, destination: str) -> tuple[ResultFile, ...]:
+        """What the destination receives (its ``objects``); one no longer configured gets the SEG, as it was asked."""
+        try:
+            return tuple(o.result for o in self.settings.destination(destination).objects)
+        except KeyError:
+            return (ResultFile.SEG,)
 
     def _process(self, job: Job, claim: Claim, beat: Heartbeat) -> JobResult:
         engine = self.engines.get(job.model)

@@ -174,7 +174,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One SEG to one destination."""
+    """One object (the SEG, an RTSTRUCT, an SR, a key image) to one destination."""
 
     id: int
     job_id: str
@@ -187,9 +187,11 @@ class Delivery:
     next_attempt: float
     delivered_at: float | None
     claim: str | None = None  # the token of the sender holding it now
+    object: ResultFile = ResultFile.SEG  # the result file it sends
 
 
-def settle_outputs(kind: InputKind, spec: JobSpec, strict: bool = True
+def settle_outputs(kind: InputKind, spec: JobSpec, strict: bool = True,
+                   sent: tuple[Output, ...] = (Output.DICOM_SEG,)
                    ) -> tuple[tuple[Output, ...], tuple[str, ...], list[str]]:
     """What a job with this input produces and where its SEG goes; the only place that decides it.
 
@@ -197,7 +199,7 @@ def settle_outputs(kind: InputKind, spec: JobSpec, strict: bool = True
     DICOM input. NIfTI input asking for one, or naming destinations, is refused (the caller asked for something
     that cannot be made); with ``strict`` off (``ctseg predict`` over a mix of inputs) those outputs are left out
     with a note. NIfTI input whose destinations came from a default rule simply sends nothing, with a note. A
-    destination is a request for the SEG.
+    destination is a request for the objects it receives (``sent``: those of the job's destinations together).
     """
     outputs, destinations, notes = list(spec.outputs), list(spec.destinations), []
     if kind == InputKind.NIFTI:
@@ -218,6 +220,6 @@ def settle_outputs(kind: InputKind, spec: JobSpec, strict: bool = True
             notes.append("no SEG is sent to the default destinations: the input is NIfTI, which has no source "
                          "instances for a SEG to reference")
         destinations = []
-    if destinations and Output.DICOM_SEG not in outputs:
-        outputs.append(Output.DICOM_SEG)
+    if destinations:
+        outputs += [o for o in sent if o not in outputs]
     return tuple(outputs), tuple(destinations), notes

@@ -102,9 +102,9 @@ class DestinationSender:
         if not ob.store.begin_send(delivery, LEASE_S):
             return True  # superseded, given up or taken over since the batch was claimed: not sent
         job = ob.store.get(delivery.job_id)
-        path = ob.files.result_path(job, ResultFile.SEG) if job is not None else None
+        path = ob.files.result_path(job, delivery.object) if job is not None else None
         if path is None or not path.is_file():
-            ob.record(delivery, DeliveryState.FAILED, "the SEG file is gone (job deleted?)")
+            ob.record(delivery, DeliveryState.FAILED, f"the {delivery.object.value} file is gone (job deleted?)")
             return True
         t = time.perf_counter()
         try:
@@ -123,8 +123,9 @@ class DestinationSender:
             ob.metrics.delivery_attempts.labels(delivery.destination, "retry").inc()
             return True
         ob.record(delivery, DeliveryState.DELIVERED, None, warning)
-        log.info("job %s: SEG delivered to %s in %.2f s (attempt %d)%s", delivery.job_id, delivery.destination,
-                 time.perf_counter() - t, delivery.attempts + 1, " with a warning" if warning else "")
+        log.info("job %s: %s delivered to %s in %.2f s (attempt %d)%s", delivery.job_id, delivery.object.value,
+                 delivery.destination, time.perf_counter() - t, delivery.attempts + 1,
+                 " with a warning" if warning else "")
         if not self.up:
             self.failures = 0
             ob.metrics.destination_up.labels(self.node.name).set(1)

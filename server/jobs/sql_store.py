@@ -51,7 +51,7 @@ _RUNNING = JobState.RUNNING.value
 _PENDING = DeliveryState.PENDING.value
 _JOB = [c for c in J.c if c.name != "owner"]
 _DELIVERY = [D.c[n] for n in ("id", "job_id", "destination", "state", "attempts", "last_error", "warning", "created",
-                              "next_attempt", "delivered_at", "claim")]
+                              "next_attempt", "delivered_at", "claim", "object")]
 
 
 def _params(spec: JobSpec) -> str:
@@ -79,7 +79,8 @@ def _job(r: Row[Any]) -> Job:
 def _delivery(r: Row[Any]) -> Delivery:
     m = r._mapping
     return Delivery(m["id"], m["job_id"], m["destination"], DeliveryState(m["state"]), m["attempts"], m["last_error"],
-                    m["warning"], m["created"], m["next_attempt"], m["delivered_at"], m["claim"])
+                    m["warning"], m["created"], m["next_attempt"], m["delivered_at"], m["claim"],
+                    ResultFile(m["object"]))
 
 
 def _insert(conn: Connection, table: sa.Table) -> Any:
@@ -214,9 +215,12 @@ class SqlJobStore:
                             mine=(J.c.id == claim.job_id) & (J.c.attempt == claim.attempt)
                             & (J.c.state == JobState.FAILED.value) & (J.c.updated == now))
 
-    def succeed(self, claim: Claim, result: JobResult, deliver_to: tuple[str, ...]) -> bool:
-        """The job's success and its SEG's deliveries, in one transaction; nothing if the claim is stale."""
+    def succeed(self, claim: Claim, result: JobResult,
+                deliver_to: tuple[str | tuple[str, ResultFile], ...]) -> bool:
+        """The job's success and its deliveries, in one transaction; nothing if the claim is stale. ``deliver_to``:
+        destinations (each sent the SEG) or (destination, object) pairs."""
         now = time.time()
+        pairs = [(d, ResultFile.SEG) if isinstance(d, str) else (d[0], ResultFile(d[1])) for d in deliver_to]
 
         def body(c: Connection) -> bool:
             changed = c.execute(J.update().where(self._ours(claim)).values(
@@ -227,10 +231,10 @@ class SqlJobStore:
                 return c.execute(sa.select(J.c.id).where(
                     (J.c.id == claim.job_id) & (J.c.attempt == claim.attempt)
                     & (J.c.state == JobState.SUCCEEDED.value) & (J.c.updated == now))).first() is not None
-            if deliver_to:
+            if pairs:
                 c.execute(_insert(c, D).values([
-                    {"job_id": claim.job_id, "destination": name, "state": _PENDING, "created": now,
-                     "next_attempt": now} for name in deliver_to]).on_conflict_do_nothing())
+                    {"job_id": claim.job_id, "destination": name, "object": obj.value, "state": _PENDING,
+                     "created": now, "next_attempt": now} for name, obj in pairs]).on_conflict_do_nothing())
             return bool(changed)
         return self.db.run("record a job's success", body)
 
@@ -300,6 +304,7 @@ class SqlJobStore:
                 (D.c.job_id == job_id) & ((D.c.state == DeliveryState.DELIVERED.value)
                                           | ((D.c.state == _PENDING) & D.c.claim.is_not(None)
                                              & (D.c.claimed_until >= now)))).order_by(D.c.id)).scalars().all()
+            reached = list(dict.fromkeys(reached))  # a destination once, whatever objects it got
             cancelled = c.execute(D.update().where((D.c.job_id == job_id) & (D.c.state == _PENDING)).values(
                 state=DeliveryState.SUPERSEDED.value, last_error=f"not sent: job {by} replaces this job")).rowcount
             if reached:

@@ -41,13 +41,15 @@ def application_entity(calling_ae_title: str, timeout_s: float) -> AE:
 
 
 def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
-    """C-STORE of the SEG at ``path``; returns the warning the destination stored it with, if any."""
+    """C-STORE of the object at ``path`` (a SEG, RTSTRUCT, SR or key image); returns the warning the destination
+    stored it with, if any."""
     dataset = pydicom.dcmread(path)
     syntax = dataset.file_meta.TransferSyntaxUID
     ae = application_entity(node.calling_ae_title or calling_ae_title, node.timeout_s)
     # The SEG's own transfer syntax, plus both uncompressed ones (pynetdicom converts between those two).
     offered = [syntax] + [s for s in UNCOMPRESSED if s != syntax]
-    for sop_class in SEG_STORAGE.values():
+    # its own SOP class (for a SEG, both SEG classes: LABELMAP's and BINARY's)
+    for sop_class in dict.fromkeys([dataset.SOPClassUID, *SEG_STORAGE.values()]):
         ae.add_requested_context(sop_class, offered)
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     if not assoc.is_established:
@@ -56,7 +58,7 @@ def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
     try:
         answer = assoc.send_c_store(dataset)
     except ValueError as err:  # no accepted presentation context for this SOP class / transfer syntax
-        raise RejectedDelivery(f"{node.name}: no accepted presentation context for the SEG ({err})") from None
+        raise RejectedDelivery(f"{node.name}: no accepted presentation context for the object ({err})") from None
     finally:
         if assoc.is_established:
             assoc.release()
