@@ -14,6 +14,8 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 { command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null || need+=(nginx)
+# tests/test_gpu_presence.py builds a stand-in libcuda
+command -v cc >/dev/null || need+=(gcc)
 # tests/test_store_contract.py, test_postgres_service.py: a real PostgreSQL server (initdb, pg_ctl)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if ((${#need[@]})); then

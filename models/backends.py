@@ -10,6 +10,7 @@ Choosing (``choose``) is separate from opening (``open_backend``): the API proce
 or a precision asked for by name and not available here is a start-up error naming it, while the sessions are
 opened where inference runs (each worker process). ``CTSEG_DEVICE=cuda`` is a preference: without CUDA the service
 logs it and serves on the CPU. ``CTSEG_ENGINE=cuda`` or ``tensorrt`` is a demand: without CUDA it does not start.
+Whether there is a GPU at all is models/gpu.py's answer (the CUDA driver's), never the provider list alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import Bundle, BundleError
+from models.gpu import GpuPresence, gpus
 from models.precision import EngineKind, Precision, PrecisionRecords
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 CUDA_EP = "CUDAExecutionProvider"
 TENSORRT_EP = "TensorrtExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
+GPU_EPS = (CUDA_EP, TENSORRT_EP)
 
 
 class DevicePreference(str, Enum):
@@ -48,13 +51,25 @@ class EngineUnavailable(RuntimeError):
 class Hardware:
     """What this machine offers to inference, probed once per process."""
 
-    ort_providers: tuple[str, ...]
+    ort_providers: tuple[str, ...]  # the providers that can run here: the GPU ones only where a GPU was found
     openvino_version: str | None
     openvino_cpu_caps: tuple[str, ...]  # OpenVINO's CPU OPTIMIZATION_CAPABILITIES, e.g. FP32, BF16, INT8
+    gpu_missing: str | None = None  # onnxruntime-gpu's providers set aside: installed, but no GPU (the driver's why)
 
     @property
     def cuda(self) -> bool:
         return CUDA_EP in self.ort_providers
+
+    @staticmethod
+    def of(ort_providers: tuple[str, ...], openvino_version: str | None, openvino_cpu_caps: tuple[str, ...],
+           gpu: GpuPresence) -> Hardware:
+        """What onnxruntime and OpenVINO offer, less the GPU providers where the driver found no GPU: the CUDA
+        image lists CUDAExecutionProvider on every host, and a session opened with it there fails."""
+        listed = tuple(p for p in ort_providers if p in GPU_EPS)
+        if gpu.found or not listed:
+            return Hardware(ort_providers, openvino_version, openvino_cpu_caps)
+        usable = tuple(p for p in ort_providers if p not in GPU_EPS)
+        return Hardware(usable, openvino_version, openvino_cpu_caps, gpu.detail)
 
     @staticmethod
     @functools.cache
@@ -69,7 +84,7 @@ class Hardware:
             caps = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         except ImportError:
             pass
-        return Hardware(tuple(ort.get_available_providers()), version, caps)
+        return Hardware.of(tuple(ort.get_available_providers()), version, caps, gpus())
 
 
 def torch_installed() -> bool:
@@ -82,9 +97,9 @@ def torch_installed() -> bool:
 
 @functools.cache
 def torch_cuda() -> bool:
-    """Whether torch sees a GPU. Imports torch: asked only for the torchscript engine (named, or CTSEG_DEVICE=cuda
-    without onnxruntime's CUDA provider)."""
-    if not torch_installed():
+    """Whether torch sees a GPU. Imports torch only where the driver found one: asked only for the torchscript
+    engine (named, or CTSEG_DEVICE=cuda without onnxruntime's CUDA provider)."""
+    if not torch_installed() or not gpus().found:
         return False
     import torch
 
@@ -142,6 +157,9 @@ def choose(engine: EngineKind | str, precision: Precision | str, device: DeviceP
         if device == DevicePreference.CPU:
             raise EngineUnavailable(f"CTSEG_ENGINE={engine.value} runs on a GPU but CTSEG_DEVICE=cpu")
         needed = CUDA_EP if engine == EngineKind.CUDA else TENSORRT_EP
+        if needed not in hw.ort_providers and hw.gpu_missing:
+            raise EngineUnavailable(f"CTSEG_ENGINE={engine.value}: onnxruntime-gpu is installed but no GPU was "
+                                    f"found ({hw.gpu_missing})")
         if needed not in hw.ort_providers:
             raise EngineUnavailable(
                 f"CTSEG_ENGINE={engine.value}: onnxruntime has no {needed} here (providers: "
@@ -158,8 +176,9 @@ def choose(engine: EngineKind | str, precision: Precision | str, device: DeviceP
             engine = EngineKind.TORCHSCRIPT  # a GPU that torch sees but onnxruntime does not (no onnxruntime-gpu)
         else:
             if device == DevicePreference.CUDA:
-                log.warning("CUDA was asked for (CTSEG_DEVICE=cuda) but onnxruntime has no CUDA provider here "
-                            "(install the 'gpu' extra on a machine with CUDA); serving on the CPU")
+                why = ("no GPU was found (models.gpu says why)" if hw.gpu_missing else "onnxruntime has no CUDA "
+                       "provider here (install the 'gpu' extra on a machine with CUDA)")
+                log.warning("CUDA was asked for (CTSEG_DEVICE=cuda) but %s; serving on the CPU", why)
             engine = EngineKind.OPENVINO if hw.openvino_version else EngineKind.ONNXRUNTIME
     on_gpu = engine == EngineKind.TORCHSCRIPT and device != DevicePreference.CPU and torch_cuda()
     supported = supported_precisions(engine, hw) if engine != EngineKind.TORCHSCRIPT or on_gpu else (Precision.FP32,)
