@@ -52,6 +52,7 @@ class ResultFile(str, Enum):
 
     LABELMAP = "labelmap.nii.gz"
     SEG = "seg.dcm"
+    SEG_BINARY = "seg-binary.dcm"  # beside a LABELMAP SEG, for a DIMSE destination that refuses that class
     RTSTRUCT = "rtstruct.dcm"
     SR = "sr.dcm"
     SC = "sc.dcm"
@@ -71,6 +72,7 @@ class ResultFile(str, Enum):
 _OUTPUT_FILES = {Output.NIFTI: ResultFile.LABELMAP, Output.DICOM_SEG: ResultFile.SEG, Output.RTSTRUCT: ResultFile.RTSTRUCT,
                  Output.SR: ResultFile.SR, Output.SC: ResultFile.SC}
 _MEDIA = {ResultFile.LABELMAP: "application/gzip", ResultFile.SEG: "application/dicom",
+          ResultFile.SEG_BINARY: "application/dicom",
           ResultFile.RTSTRUCT: "application/dicom", ResultFile.SR: "application/dicom",
           ResultFile.SC: "application/dicom", ResultFile.VOLUMES: "application/json", ResultFile.PREVIEW: "image/png"}
 
@@ -119,12 +121,16 @@ class ErrorKind(str, Enum):
 
 class DeliveryState(str, Enum):
     """A SEG on its way to a destination: waiting (first try or a retry), acknowledged, given up, or not sent
-    because a later job on more of the same series replaced it."""
+    because a later job on more of the same series replaced it. ``held``: its route asks for review, so it waits
+    for a person to release it (then pending) or discard it; ``discarded`` is that person's decision, kept apart
+    from ``failed`` so that a rejected result never reads (or alerts) as a destination that failed."""
 
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+    HELD = "held"
+    DISCARDED = "discarded"
 
 
 class NodeKind(str, Enum):

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from server.core import durable
 from server.core.bounds import DicomBounds
 from server.core.options import SegOptions
-from server.core.vocabulary import InputKind, Output, ResultFile
+from server.core.vocabulary import InputKind, Output, ResultFile, SegType
 from server.imaging.dicom_reader import load_series
 from server.imaging.key_image import build_key_image
 from server.imaging.label_stats import label_statistics
@@ -53,9 +53,12 @@ def run_pipeline(
     display_name: str = "the input",
     result_id: str | None = None,
     bounds: DicomBounds | None = None,
+    binary_fallback: bool = False,
 ) -> PipelineResult:
     """``inputs``: one NIfTI file, or the chosen DICOM series' files (see server/jobs/staging.py). DICOM outputs
-    need DICOM input: that is decided at staging (server/jobs/model.py: ``settle_outputs``), not here."""
+    need DICOM input: that is decided at staging (server/jobs/model.py: ``settle_outputs``), not here.
+    ``binary_fallback``: beside a LABELMAP SEG, the same segmentation as a BINARY SEG (``seg-binary.dcm``), for a
+    DIMSE destination that refuses Label Map Segmentation Storage at association."""
     seg = seg or SegOptions()
     outputs = tuple(Output(o) for o in outputs)
     if kind == InputKind.NIFTI and any(o.needs_dicom for o in outputs):
@@ -101,6 +104,11 @@ def run_pipeline(
         data = build_seg(series, labels.array, bundle, seg.seg_type, seg.keep_empty_frames, seg.compression,
                          result_id=result_id)
         write(ResultFile.SEG, data, "encode", time.perf_counter() - t)
+        if binary_fallback and seg.seg_type == SegType.LABELMAP:
+            t = time.perf_counter()
+            data = build_seg(series, labels.array, bundle, SegType.BINARY, seg.keep_empty_frames, seg.compression,
+                             result_id=result_id)
+            write(ResultFile.SEG_BINARY, data, "encode_binary", time.perf_counter() - t)
     if Output.RTSTRUCT in outputs and series is not None and identity is not None:
         # scikit-image's contouring: loaded only when asked
         from server.imaging.rtstruct import build_rtstruct

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from server.core.database import StoreBusy
 from server.core.errors import InputError, NotFound, PayloadTooLarge, storage_full
+from server.core.nodes import DimseNode
 from server.core.settings import Settings
-from server.core.vocabulary import ErrorKind, ResultFile
+from server.core.vocabulary import ErrorKind, Output, ResultFile
 from server.inference.engine import Engine
 from server.inference.pipeline import run_pipeline
 from server.jobs.files import JobFiles
@@ -175,6 +176,18 @@ class JobExecutor:
                            if obj in result.results)
         return self.store.succeed(claim, result, deliver_to)
 
+    def _dimse_seg_destination(self, job: Job) -> bool:
+        """A DIMSE destination gets this job's SEG: it may refuse the LABELMAP class at association (dcm4chee does
+        by default), and is then sent the BINARY one."""
+        for name in job.spec.destinations:
+            try:
+                node = self.settings.destination(name)
+            except KeyError:
+                continue
+            if isinstance(node, DimseNode) and Output.DICOM_SEG in node.objects:
+                return True
+        return False
+
     def _objects(self, destination: str) -> tuple[ResultFile, ...]:
         """What the destination receives (its ``objects``); one no longer configured gets the SEG, as it was asked."""
         try:
@@ -207,5 +220,6 @@ class JobExecutor:
             engine, staged.kind, inputs, self.files.run_dir(job.id, claim.attempt), job.spec.outputs,
             staged.series_uid, self.settings.seg_options(), progress, display_name=staged.display_name,
             result_id=job.seg_seed, bounds=self.settings.dicom_bounds(),
+            binary_fallback=self._dimse_seg_destination(job),
         )
         return JobResult(tuple(result.produced), result.timings, tuple(job.notes) + tuple(result.notes))

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 LEASE_S = 600.0  # a claimed delivery is not taken by another sender for this long
 BATCH = 8
 IDLE_POLL_S = 5.0  # a wake-up may be missed (another process queued the delivery): look again this often
-SendFn = Callable[[Node, Path, str], "str | None"]
+SendFn = Callable[[Node, Path, str, "Path | None"], "str | None"]
 ProbeFn = Callable[[Node, str], bool]
 
 
@@ -106,9 +106,11 @@ class DestinationSender:
         if path is None or not path.is_file():
             ob.record(delivery, DeliveryState.FAILED, f"the {delivery.object.value} file is gone (job deleted?)")
             return True
+        fallback = ob.files.result_path(job, ResultFile.SEG_BINARY) if delivery.object == ResultFile.SEG else None
         t = time.perf_counter()
         try:
-            warning = ob.send(self.node, path, ob.settings.dicom_ae_title)
+            warning = ob.send(self.node, path, ob.settings.dicom_ae_title,
+                              fallback if fallback is not None and fallback.is_file() else None)
         except RejectedDelivery as err:
             ob.record(delivery, DeliveryState.FAILED, str(err))
             return True

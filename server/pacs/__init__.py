@@ -22,12 +22,13 @@ __all__ = ["DeliveryError", "RejectedDelivery", "RetryableDelivery", "SeriesNotF
 log = logging.getLogger(__name__)
 
 
-def deliver(node: Node, path: Path, calling_ae_title: str) -> str | None:
-    """Send the SEG at ``path`` to ``node``. Returns a warning the destination stored it with (or None); raises a
-    :class:`DeliveryError` unless it was acknowledged."""
+def deliver(node: Node, path: Path, calling_ae_title: str, fallback: Path | None = None) -> str | None:
+    """Send the object at ``path`` to ``node``. Returns a warning the destination stored it with (or None); raises
+    a :class:`DeliveryError` unless it was acknowledged. ``fallback``: the BINARY SEG, for a DIMSE destination that
+    refuses the LABELMAP one at association."""
     if isinstance(node, DicomWebNode):
         return dicomweb.store(node, path)
-    return dimse.store(node, path, calling_ae_title)
+    return dimse.store(node, path, calling_ae_title, fallback)
 
 
 def reachable(node: Node, calling_ae_title: str) -> bool:

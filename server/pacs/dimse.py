@@ -15,6 +15,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from server.core import durable
 from server.core.errors import storage_full
 from server.core.nodes import DimseNode
+from server.core.vocabulary import SegType
 from server.imaging.sop import (
     CT_IMAGE_STORAGE,
     READABLE_TRANSFER_SYNTAXES,
@@ -40,13 +41,14 @@ def application_entity(calling_ae_title: str, timeout_s: float) -> AE:
     return ae
 
 
-def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
+def store(node: DimseNode, path: Path, calling_ae_title: str, fallback: Path | None = None) -> str | None:
     """C-STORE of the object at ``path`` (a SEG, RTSTRUCT, SR or key image); returns the warning the destination
-    stored it with, if any."""
+    stored it with, if any. A LABELMAP SEG whose class the destination does not accept at association (dcm4chee's
+    default) is replaced by ``fallback``, the BINARY SEG of the same result, with a warning saying so."""
     dataset = pydicom.dcmread(path)
     syntax = dataset.file_meta.TransferSyntaxUID
     ae = application_entity(node.calling_ae_title or calling_ae_title, node.timeout_s)
-    # The SEG's own transfer syntax, plus both uncompressed ones (pynetdicom converts between those two).
+    # The object's own transfer syntax, plus both uncompressed ones (pynetdicom converts between those two).
     offered = [syntax] + [s for s in UNCOMPRESSED if s != syntax]
     # its own SOP class (for a SEG, both SEG classes: LABELMAP's and BINARY's)
     for sop_class in dict.fromkeys([dataset.SOPClassUID, *SEG_STORAGE.values()]):
@@ -55,7 +57,15 @@ def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "could not be reached"
         raise RetryableDelivery(f"{node.name}: {node.ae_title}@{node.host}:{node.port} {why}")
+    note = None
     try:
+        accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+        if (dataset.SOPClassUID == SEG_STORAGE[SegType.LABELMAP] and dataset.SOPClassUID not in accepted
+                and fallback is not None and SEG_STORAGE[SegType.BINARY] in accepted):
+            dataset = pydicom.dcmread(fallback)
+            note = (f"{node.name}: refused Label Map Segmentation Storage at association; the BINARY SEG of the same "
+                    "result was sent instead")
+            log.warning("destination %s", note)
         answer = assoc.send_c_store(dataset)
     except ValueError as err:  # no accepted presentation context for this SOP class / transfer syntax
         raise RejectedDelivery(f"{node.name}: no accepted presentation context for the object ({err})") from None
@@ -70,8 +80,8 @@ def store(node: DimseNode, path: Path, calling_ae_title: str) -> str | None:
         if status.category(code) is Category.WARNING:
             warning = f"{node.name}: stored with warning {status.describe(code)}"
             log.warning("destination %s", warning)
-            return warning
-        return None
+            return "; ".join(w for w in (note, warning) if w)
+        return note
     if status.transient(code):
         raise RetryableDelivery(f"{node.name}: C-STORE answered {status.describe(code)}")
     raise RejectedDelivery(f"{node.name}: C-STORE answered {status.describe(code)}")
