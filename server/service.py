@@ -33,6 +33,7 @@ from server.core.nodes import DimseNode, Route
 from server.core.options import PhaseChoice
 from server.core.settings import Settings
 from server.core.vocabulary import (
+    DeliveryState,
     DestinationChoice,
     ErrorKind,
     OriginKind,
@@ -67,6 +68,12 @@ log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.1
 STAGING_LEASES = 4  # replicas: a staging job nobody touched for this many job leases lost its receiving replica
+
+
+class NothingHeld(RuntimeError):
+    """A release or discard of a job that has no delivery held for review (HTTP 409: the job's state forbids it)."""
+
+    status_code = 409
 
 
 class SegmentationService:
@@ -309,7 +316,7 @@ class SegmentationService:
         elif request.origin.kind == OriginKind.DIMSE and sender is not None:  # back to the sender
             choice, destinations = DestinationChoice.SENDER, [sender]
         return JobSpec(engine.bundle.name, request.outputs, request.series_uid, tuple(destinations), choice,
-                       request.origin, request.phase)
+                       request.origin, request.phase, request.review)
 
     def open_job(self, request: JobRequest, supersedes: str | None = None, sender: str | None = None) -> Job:
         """A ``staging`` job whose input folder the caller fills; then :meth:`stage_and_enqueue`."""
@@ -337,7 +344,7 @@ class SegmentationService:
                        self.settings.zip_limits(), job.spec.phase, self.settings.dicom_bounds())
         outputs, destinations, notes = settle_outputs(staged.kind, job.spec, sent=self._sent(job.spec.destinations))
         spec = JobSpec(job.spec.model, outputs, job.spec.series_uid, destinations, job.spec.destination_choice,
-                       job.spec.origin, job.spec.phase)
+                       job.spec.origin, job.spec.phase, job.spec.review)
         return spec, notes, staged
 
     def _sent(self, destinations: tuple[str, ...]) -> tuple[Output, ...]:
@@ -413,7 +420,7 @@ class SegmentationService:
         origin = Origin(OriginKind.DIMSE, calling_ae_title=series.calling_ae_title)
         request = JobRequest(route.model, route.outputs, series.series_uid, origin,
                              tuple(route.destinations) if route.destinations is not None else None,
-                             PhaseChoice(route.phase) if route.phase is not None else None)
+                             PhaseChoice(route.phase) if route.phase is not None else None, route.review)
         try:
             job = self.open_job(request, supersedes=series.job_id, sender=series.sender)
         except ServiceUnavailable as err:  # full queue or no worker: the series waits and is tried again
@@ -510,6 +517,39 @@ class SegmentationService:
         if not self.store.cancel(job_id):  # a running job finds its claim gone at its next write and stops
             raise NotFound(f"no segmentation job {job_id}")
         self.files.remove(job_id)
+
+    def release_held(self, job_id: str) -> Job:
+        """A person reviewed the job's result and lets its held deliveries go: the outbox sends them now."""
+        if not self.store.release_held(self._nothing_held(job_id, "release").id):
+            raise NothingHeld(f"job {job_id} has no delivery waiting for review any more (released or discarded "
+                              "meanwhile)")
+        log.info("job %s: its held deliveries were released", job_id)
+        self.outbox.wake()
+        return self.get(job_id)
+
+    def discard_held(self, job_id: str) -> Job:
+        """A person reviewed the job's result and refused it: its held deliveries are never sent."""
+        if not self.store.discard_held(self._nothing_held(job_id, "discard").id,
+                                       "not sent: discarded at review"):
+            raise NothingHeld(f"job {job_id} has no delivery waiting for review any more (released or discarded "
+                              "meanwhile)")
+        log.info("job %s: its held deliveries were discarded", job_id)
+        return self.get(job_id)
+
+    def _nothing_held(self, job_id: str, verb: str) -> Job:
+        """The job, if it has deliveries held for review; else NotFound or NothingHeld saying why not."""
+        job = self.get(job_id)
+        if any(d.state == DeliveryState.HELD for d in self.store.deliveries(job_id)):
+            return job
+        if not job.spec.review:
+            why = "its deliveries are not held for review (its route or request did not ask for review)"
+        elif not job.state.finished:
+            why = f"it is {job.state.value}; its deliveries are held once it has succeeded"
+        elif job.state != JobState.SUCCEEDED:
+            why = f"it is {job.state.value}, so it has nothing to send"
+        else:
+            why = "nothing of it is held any more (released or discarded already, or no destination)"
+        raise NothingHeld(f"cannot {verb} job {job_id}: {why}")
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)

@@ -80,6 +80,8 @@ class JobOut(BaseModel):
     quality: QualityOut | None = Field(None, description="succeeded: signs the result may be wrong (from its "
                                        "volumes.json); None before, or for a job of a version without flags")
     deliveries: list[DeliveryOut]
+    review: bool = Field(False, description="its deliveries wait (state held) until a person releases or discards "
+                         "them: POST /v1/segmentations/{id}/release or /discard")
     attempt: int = Field(0, description="runs of this job so far (a run whose worker stopped is repeated)")
     supersedes: str | None = Field(None, description="the job on an earlier part of the same received series that "
                                    "this one replaces")
@@ -125,7 +127,7 @@ def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = 
                                 warning=d.warning,
                                 next_attempt=d.next_attempt if d.state == DeliveryState.PENDING else None,
                                 delivered_at=d.delivered_at) for d in deliveries],
-        attempt=job.attempt, supersedes=job.supersedes, superseded_by=job.superseded_by,
+        review=job.spec.review, attempt=job.attempt, supersedes=job.supersedes, superseded_by=job.superseded_by,
     )
 
 

@@ -149,6 +149,8 @@ class Route(BaseModel):
     outputs: tuple[Output, ...] = Field((Output.DICOM_SEG,), description="what a routed series' job writes, as the "
                                         "API's outputs: a comma-separated list of nifti, dicom-seg, rtstruct, sr, sc "
                                         "(default: dicom-seg); its destinations still receive the SEG only")
+    review: bool = Field(False, description="deliveries of its jobs wait (held) until a person releases or "
+                                            "discards them (POST /v1/segmentations/{id}/release or /discard)")
 
     @field_validator("outputs", mode="before")
     @classmethod

@@ -100,6 +100,7 @@ class JobRequest:
     origin: Origin
     destinations: tuple[str, ...] | None = None  # None: the default rule (sender, else the default destinations)
     phase: PhaseChoice | None = None  # which acquisition of a multi-phase series (None: refused if it has several)
+    review: bool = False  # its deliveries are held until a person releases them
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class JobSpec:
     destination_choice: DestinationChoice
     origin: Origin
     phase: PhaseChoice | None = None  # stored in the record's ``params`` JSON (server/jobs/sql_store.py)
+    review: bool = False  # deliveries held for a person's release; in ``params`` too
 
     def __post_init__(self) -> None:
         if self.phase is not None and not isinstance(self.phase, PhaseChoice):

@@ -49,22 +49,26 @@ from server.jobs.store import Requeued, Superseded
 
 _RUNNING = JobState.RUNNING.value
 _PENDING = DeliveryState.PENDING.value
+_HELD = DeliveryState.HELD.value
 _JOB = [c for c in J.c if c.name != "owner"]
 _DELIVERY = [D.c[n] for n in ("id", "job_id", "destination", "state", "attempts", "last_error", "warning", "created",
                               "next_attempt", "delivered_at", "claim", "object")]
 
 
 def _params(spec: JobSpec) -> str:
-    """Request options without a column of their own (``phase``), in the record's ``params`` JSON."""
-    return json.dumps({"phase": str(spec.phase)} if spec.phase is not None else {})
+    """Request options without a column of their own (``phase``, ``review``), in the record's ``params`` JSON."""
+    params: dict[str, Any] = {"phase": str(spec.phase)} if spec.phase is not None else {}
+    return json.dumps(params | ({"review": True} if spec.review else {}))
 
 
 def _job(r: Row[Any]) -> Job:
     m = r._mapping
     origin = Origin.from_dict(json.loads(m["origin"])) if m["origin"] else Origin("upload")
+    params = json.loads(m["params"] or "{}")
     spec = JobSpec(m["model"], tuple(Output(o) for o in json.loads(m["outputs_requested"] or "[]")) or (Output.NIFTI,),
                    m["series_uid"], tuple(json.loads(m["destinations"] or "[]")),
-                   DestinationChoice(m["destination_choice"]), origin, json.loads(m["params"] or "{}").get("phase"))
+                   DestinationChoice(m["destination_choice"]), origin, params.get("phase"),
+                   bool(params.get("review", False)))
     return Job(
         m["id"], JobState(m["state"]), spec, m["created"], m["updated"],
         InputKind(m["input_kind"]) if m["input_kind"] else None,
@@ -231,9 +235,11 @@ class SqlJobStore:
                 return c.execute(sa.select(J.c.id).where(
                     (J.c.id == claim.job_id) & (J.c.attempt == claim.attempt)
                     & (J.c.state == JobState.SUCCEEDED.value) & (J.c.updated == now))).first() is not None
-            if pairs:
+            if pairs:  # a job under review: its deliveries held, not pending, until a person releases them
+                params = c.execute(sa.select(J.c.params).where(J.c.id == claim.job_id)).scalar()
+                state = _HELD if json.loads(params or "{}").get("review") else _PENDING
                 c.execute(_insert(c, D).values([
-                    {"job_id": claim.job_id, "destination": name, "object": obj.value, "state": _PENDING,
+                    {"job_id": claim.job_id, "destination": name, "object": obj.value, "state": state,
                      "created": now, "next_attempt": now} for name, obj in pairs]).on_conflict_do_nothing())
             return bool(changed)
         return self.db.run("record a job's success", body)
@@ -305,7 +311,7 @@ class SqlJobStore:
                                           | ((D.c.state == _PENDING) & D.c.claim.is_not(None)
                                              & (D.c.claimed_until >= now)))).order_by(D.c.id)).scalars().all()
             reached = list(dict.fromkeys(reached))  # a destination once, whatever objects it got
-            cancelled = c.execute(D.update().where((D.c.job_id == job_id) & (D.c.state == _PENDING)).values(
+            cancelled = c.execute(D.update().where((D.c.job_id == job_id) & D.c.state.in_([_PENDING, _HELD])).values(
                 state=DeliveryState.SUPERSEDED.value, last_error=f"not sent: job {by} replaces this job")).rowcount
             if reached:
                 c.execute(J.update().where(J.c.id == by).values(seg_seed=old.seg_seed))
@@ -330,9 +336,10 @@ class SqlJobStore:
             sa.select(sa.func.count()).select_from(J).where(J.c.state.in_(states))).scalar_one())
 
     def expired(self, older_than_s: float) -> list[str]:
-        """Finished jobs past retention, except those whose SEG still waits for a destination."""
+        """Finished jobs past retention, except those whose SEG still waits for a destination or for a person's
+        review (a held SEG is kept until someone releases or discards it, however long that takes)."""
         cutoff = time.time() - older_than_s
-        waiting = sa.select(D.c.id).where((D.c.job_id == J.c.id) & (D.c.state == _PENDING)).exists()
+        waiting = sa.select(D.c.id).where((D.c.job_id == J.c.id) & D.c.state.in_([_PENDING, _HELD])).exists()
         query = sa.select(J.c.id).where((J.c.updated < cutoff) & J.c.state.in_([s.value for s in JobState if s.finished])
                                         & ~waiting)
         return list(self.db.read("find expired jobs", lambda c: c.execute(query).scalars().all()))
@@ -407,6 +414,20 @@ class SqlJobStore:
             D.update().where((D.c.destination == destination) & (D.c.state == _PENDING) & (D.c.next_attempt > now))
             .values(next_attempt=now)).rowcount)
 
+    def release_held(self, job_id: str) -> int:
+        """A person released the job's held deliveries: pending and due now. Their ``created`` restarts too, so the
+        give-up age (give_up_deliveries) counts from the release, not from the hours the SEG waited for review."""
+        now = time.time()
+        return self.db.run("release held deliveries", lambda c: c.execute(
+            D.update().where((D.c.job_id == job_id) & (D.c.state == _HELD))
+            .values(state=_PENDING, created=now, next_attempt=now)).rowcount)
+
+    def discard_held(self, job_id: str, reason: str) -> int:
+        """A person discarded the job's held deliveries: never sent, ``reason`` recorded on each."""
+        return self.db.run("discard held deliveries", lambda c: c.execute(
+            D.update().where((D.c.job_id == job_id) & (D.c.state == _HELD))
+            .values(state=DeliveryState.DISCARDED.value, last_error=reason)).rowcount)
+
     def give_up_deliveries(self, created_before: float, reason: str) -> list[Delivery]:
         def body(c: Connection) -> list[Delivery]:
             rows = c.execute(sa.select(*_DELIVERY).where(
@@ -435,7 +456,8 @@ class SqlJobStore:
             sa.select(D.c.destination).distinct().where(D.c.state == _PENDING)).scalars().all()))
 
     def outbox_stats(self) -> tuple[dict[tuple[str, str], int], float | None]:
-        """Deliveries by (destination, state), and the creation time of the oldest pending one."""
+        """Deliveries by (destination, state) (held ones under ``held``), and the creation time of the oldest
+        pending one (a SEG waiting for review is not the outbox falling behind)."""
         def body(c: Connection) -> tuple[dict[tuple[str, str], int], float | None]:
             rows = c.execute(sa.select(D.c.destination, D.c.state, sa.func.count())
                              .group_by(D.c.destination, D.c.state)).all()

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
@@ -39,7 +39,7 @@ from server.core.vocabulary import (
 )
 from server.imaging.quality import StoredFlags, read_flags
 from server.jobs.model import Job, JobRequest, JobState, Origin
-from server.service import SegmentationService
+from server.service import NothingHeld, SegmentationService
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], dependencies=[AuthDep],
                    responses={422: {"model": ErrorOut, "description": "a parameter is not valid"}})
@@ -139,9 +139,11 @@ async def submit(
     wait: Annotated[bool, Query(description="answer when done (up to the sync timeout) instead of 202")] = False,
     phase: Annotated[str | None, Query(description="a series holding several acquisitions (phases): 'first', "
                                                    "'last' or the number the 422 listing them gives")] = None,
+    review: Annotated[bool, Query(description="hold the deliveries until a person releases (POST .../release) or "
+                                              "discards (POST .../discard) them")] = False,
 ) -> Response:
     job_request = JobRequest(model, parse_outputs(outputs), series_uid, Origin(OriginKind.UPLOAD),
-                             _parse_destinations(destinations), _parse_phase(phase))
+                             _parse_destinations(destinations), _parse_phase(phase), review)
     if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
         try:
             body = await read_json_body(request, service.settings.max_json_kb * 1024)
@@ -192,6 +194,29 @@ def status(job_id: str, service: ServiceDep) -> JobOut:
 def delete(job_id: str, service: ServiceDep) -> Response:
     service.cancel(job_id)
     return Response(status_code=204)
+
+
+_REVIEW = {404: {"model": ErrorOut, "description": "no such job"},
+           409: {"model": ErrorOut, "description": "the job has no delivery held for review (still running, not "
+                                                   "under review, or released or discarded already)"}}
+
+
+@router.post("/{job_id}/release", response_model=JobOut, responses=_REVIEW,
+             summary="Review passed: send the job's held deliveries now")
+def release(job_id: str, service: ServiceDep) -> JobOut:
+    try:
+        return _public(service, service.release_held(job_id))
+    except NothingHeld as err:
+        raise HTTPException(err.status_code, str(err)) from None
+
+
+@router.post("/{job_id}/discard", response_model=JobOut, responses=_REVIEW,
+             summary="Review refused: the job's held deliveries are never sent")
+def discard(job_id: str, service: ServiceDep) -> JobOut:
+    try:
+        return _public(service, service.discard_held(job_id))
+    except NothingHeld as err:
+        raise HTTPException(err.status_code, str(err)) from None
 
 
 @router.get("/{job_id}/{name}", response_class=FileResponse, responses={404: {"model": ErrorOut}},
