@@ -1,4 +1,5 @@
-# ctseg inference service. Serving dependencies only: no torch, no training code imported.
+# ctseg inference service. Serving dependencies only (and the postgres extra: CTSEG_DATABASE_URL, CTSEG_ROLE): no
+# torch, no training code imported.
 #   CPU (default):  docker build -t ctseg .
 #   CUDA:           docker build -t ctseg:gpu --build-arg EXTRA=gpu .
 #                   the same slim base: onnxruntime-gpu with NVIDIA's CUDA 13 and cuDNN 9 wheels from PyPI
@@ -30,7 +31,7 @@ COPY inflation ./inflation
 RUN if [ "$EXTRA" = "gpu" ]; then \
         python docker/gpu/serving_requirements.py pyproject.toml >/tmp/serving.txt \
         && pip install -r /tmp/serving.txt && pip install --no-deps . ; \
-    else pip install . ; fi \
+    else pip install ".[postgres]" ; fi \
     && python -c "import server.app, sys; assert 'torch' not in sys.modules"
 
 FROM ${BASE}

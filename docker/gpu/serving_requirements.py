@@ -1,4 +1,5 @@
-"""Print ctseg's serving requirements (pyproject.toml [project] dependencies) less ``onnxruntime``.
+"""Print ctseg's serving requirements (pyproject.toml [project] dependencies and the ``postgres`` extra, as the CPU
+image installs them) less ``onnxruntime``.
 
 Why: onnxruntime-gpu provides the same ``onnxruntime`` module as the CPU wheel. Installing both lets the second
 overwrite the first, and uninstalling either removes files the other needs; so the CUDA image installs the GPU
@@ -14,7 +15,8 @@ from pathlib import Path
 
 
 def serving_requirements(pyproject: Path) -> list[str]:
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = [*project["dependencies"], *project["optional-dependencies"]["postgres"]]
     return [d for d in deps if re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() != "onnxruntime"]
 
 
