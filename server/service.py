@@ -67,6 +67,7 @@ from server.pacs import retrieve
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.1
+API_READ_PATIENCE_S = 10.0
 STAGING_LEASES = 4  # replicas: a staging job nobody touched for this many job leases lost its receiving replica
 
 
@@ -103,7 +104,8 @@ class SegmentationService:
     def _open(self) -> None:
         """Everything that touches the storage folder, once its lock is held."""
         s = self.settings
-        self.store = open_store(s)
+        # reads answer a client: a database that stays unreachable is a 503 after this long, writes wait longer
+        self.store = open_store(s, read_patience_s=API_READ_PATIENCE_S)
         self.files = JobFiles(s.storage_dir)
         self.queue: JobQueue
         if s.replicated:  # API replicas and DICOM receivers: workers elsewhere take the jobs (procrastinate)

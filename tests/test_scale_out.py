@@ -180,3 +180,36 @@ def test_an_api_replica_killed_mid_upload_its_job_is_failed_by_another_and_frees
         for p in [*pool, *apis]:
             p.kill()
         orthanc.stop()
+
+
+def test_postgresql_restarted_mid_run_the_api_says_503_and_workers_carry_on_by_themselves(
+        intensity_bundle, tmp_path, pg_cluster):
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1)
+        image, _ = make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=3, noise=3.0)
+        first = upload(apis[0], series_from_image(image))
+        assert apis[1].wait_finished(first, 120)["state"] == "succeeded"
+        pg_cluster.stop("immediate")
+        t = time.monotonic()
+        r = requests.get(f"{apis[1].url}/v1/segmentations/{first}", timeout=60)
+        assert r.status_code == 503 and "retry" in r.json()["detail"], (r.status_code, r.text)
+        assert time.monotonic() - t < 30
+        pg_cluster.start()
+        restarted = time.monotonic()
+        image, _ = make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=4, noise=3.0)
+        datasets = series_from_image(image)
+        second = upload(apis[0], datasets)
+        record = apis[1].wait_finished(second, 90)
+        assert record["state"] == "succeeded", record
+        assert time.monotonic() - restarted < 60  # the worker reconnected by itself
+        assert pool[0].proc.poll() is None
+        wait_for(lambda: apis[0].job(second)["deliveries"][0]["state"] == "delivered", 60, 0.5, "the SEG delivered")
+        assert orthanc.new_instance_changes() == 2
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
+        pg_cluster.start() if not pg_cluster._answers() else None

@@ -83,9 +83,12 @@ def redacted(url: str) -> str:
 class Database:
     """An engine and the dialect's rules for it. One per process (a worker process opens its own)."""
 
-    def __init__(self, url: str, busy_timeout_s: float = 10.0, patience_s: float = 300.0) -> None:
+    def __init__(self, url: str, busy_timeout_s: float = 10.0, patience_s: float = 300.0,
+                 read_patience_s: float | None = None) -> None:
         self.url = url
         self.busy_timeout_s, self.patience_s = busy_timeout_s, patience_s
+        # reads for a waiting client (the API: a 503 it can retry, not a request hung for minutes)
+        self.read_patience_s = min(patience_s, read_patience_s) if read_patience_s is not None else patience_s
         parsed = sa.make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
@@ -111,9 +114,9 @@ class Database:
         return cls(embedded_url(storage), busy_timeout_s, patience_s)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Database:
+    def from_settings(cls, settings: Settings, read_patience_s: float | None = None) -> Database:
         url = settings.database_url.get_secret_value() if settings.database_url else embedded_url(settings.storage_dir)
-        return cls(url, settings.db_busy_timeout_s, settings.db_patience_s)
+        return cls(url, settings.db_busy_timeout_s, settings.db_patience_s, read_patience_s)
 
     @property
     def safe_url(self) -> str:
@@ -160,7 +163,7 @@ class Database:
         def once() -> T:
             with self.transaction(read=True) as conn:
                 return fn(conn)
-        return retry(once, self.patience_s, what)
+        return retry(once, self.read_patience_s, what)
 
     # ------------------------------------------------------------------------------------------------ schema
     def upgrade(self) -> str:

@@ -69,9 +69,9 @@ class WorkerStartError(RuntimeError):
     """A worker process could not load the bundles or open its sessions."""
 
 
-def open_store(settings: Settings, migrate: bool = True) -> SqlJobStore:
+def open_store(settings: Settings, migrate: bool = True, read_patience_s: float | None = None) -> SqlJobStore:
     """The job store the settings name (CTSEG_DATABASE_URL, else SQLite in the storage folder)."""
-    return SqlJobStore(Database.from_settings(settings), migrate)
+    return SqlJobStore(Database.from_settings(settings, read_patience_s), migrate)
 
 
 class ThreadWorkers:

@@ -41,7 +41,8 @@ from server.pacs import DeliveryError, RejectedDelivery, deliver, reachable
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 600.0  # a claimed delivery is not taken by another sender for this long
+LEASE_S = 600.0  # a claimed delivery of a destination no longer configured: held this long by its sweep
+MIN_LEASE_S = 30.0  # a claimed delivery is held for 10 network timeouts of its destination, at least this long
 BATCH = 8
 IDLE_POLL_S = 5.0  # a wake-up may be missed (another process queued the delivery): look again this often
 SendFn = Callable[[Node, Path, str, "Path | None"], "str | None"]
@@ -58,6 +59,9 @@ class DestinationSender:
         self.deliver_at = 0.0  # when the next delivery may be tried, if it does
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"ctseg-outbox-{node.name}", daemon=True)
+        # How long a claim holds another sender off: a send takes at most one network timeout (its lease restarts
+        # at each send); a sender that died (a replica SIGKILLed) gives its claims up after this.
+        self.lease_s = max(MIN_LEASE_S, 10 * node.timeout_s)
 
     @property
     def up(self) -> bool:
@@ -84,7 +88,7 @@ class DestinationSender:
                     return min(IDLE_POLL_S, self.probe_at - now)
                 if now < self.deliver_at and not self._answers():
                     return 0.0
-            batch = ob.store.claim_deliveries(self.node.name, now, LEASE_S, BATCH if self.up else 1,
+            batch = ob.store.claim_deliveries(self.node.name, now, self.lease_s, BATCH if self.up else 1,
                                               ob.settings.delivery_max_senders)
             if not batch:
                 due = ob.store.next_due(self.node.name)
@@ -99,7 +103,7 @@ class DestinationSender:
     def _attempt(self, delivery: Delivery) -> bool:
         """One try; False when the destination did not answer (the breaker opens)."""
         ob = self.outbox
-        if not ob.store.begin_send(delivery, LEASE_S):
+        if not ob.store.begin_send(delivery, self.lease_s):
             return True  # superseded, given up or taken over since the batch was claimed: not sent
         job = ob.store.get(delivery.job_id)
         path = ob.files.result_path(job, delivery.object) if job is not None else None
