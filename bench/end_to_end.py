@@ -3,7 +3,10 @@
 Inputs: the real example CT (NIfTI), and DICOM series generated from it on 512x512x300 and 512x512x1000 grids.
 The server is started here (``ctseg serve`` on a free 127.0.0.1 port) and stopped at the end.
 
-    .venv/bin/python bench/end_to_end.py [--cases nifti,dicom300,dicom1000]
+    .venv/bin/python bench/end_to_end.py [--cases nifti,dicom300,dicom1000,outputs300]
+
+``outputs300``: the same 512x512x300 series twice, with ``outputs=both`` (the baseline, same run) and with every
+output (nifti,dicom-seg,rtstruct,sr,sc): what the RTSTRUCT, the SR and the key image add, stage by stage.
 """
 
 from __future__ import annotations
@@ -58,6 +61,15 @@ def main() -> None:
                 files = dicom_series_files(resampled_ct(Path(args.input), (512, 512, slices)))
                 results[case] = run_case(server, f"DICOM 512x512x{slices}", files, "both")
                 del files
+        if "outputs300" in cases:
+            files = dicom_series_files(resampled_ct(Path(args.input), (512, 512, 300)))
+            base = run_case(server, "DICOM 512x512x300, outputs=both", files, "both")
+            every = run_case(server, "DICOM 512x512x300, every output", files, "nifti,dicom-seg,rtstruct,sr,sc")
+            added = {k: v for k, v in every["stages"].items() if k not in base["stages"]}
+            print(f"every output adds {every['total'] - base['total']:.2f} s to the job ({every['total'] / base['total']:.2f}x "
+                  "outputs=both): " + ", ".join(f"{k} {v:.2f} s" for k, v in added.items()))
+            results["outputs300_both"], results["outputs300_every"] = base, every
+            del files
         rss = server.peak_rss_mb()
     summary = " ".join(f"{k}_s={v['total']:.1f}" for k, v in results.items())
     print(f"SUMMARY end_to_end cold_start_s={ready:.2f} {summary} server_peak_rss_mb={rss:.0f}")

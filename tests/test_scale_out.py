@@ -49,9 +49,10 @@ class Worker:
             self.proc.wait()
 
 
-def cluster(tmp_path: Path, bundle: Path, url: str, orthanc: Orthanc, workers: int) -> tuple[list[Serve], list[Worker]]:
+def cluster(tmp_path: Path, bundle: Path, url: str, orthanc: Orthanc, workers: int,
+            **extra: str) -> tuple[list[Serve], list[Worker]]:
     storage = tmp_path / "shared"
-    env = {"CTSEG_DATABASE_URL": url, "CTSEG_JOB_LEASE_S": LEASE_S, "CTSEG_SW_OVERLAP": "0.75",
+    env = {**extra, "CTSEG_DATABASE_URL": url, "CTSEG_JOB_LEASE_S": LEASE_S, "CTSEG_SW_OVERLAP": "0.75",
            "CTSEG_DESTINATIONS": json.dumps([dicomweb_node("pacs", orthanc)]), "CTSEG_DEFAULT_DESTINATIONS": "pacs"}
     apis = [Serve(bundle, storage, tmp_path / f"api{n}.log", CTSEG_ROLE="api", **env) for n in range(2)]
     base = {**apis[0].env}
@@ -213,3 +214,100 @@ def test_postgresql_restarted_mid_run_the_api_says_503_and_workers_carry_on_by_t
             p.kill()
         orthanc.stop()
         pg_cluster.start() if not pg_cluster._answers() else None
+
+
+def running_jobs(url: str) -> list[tuple[str, str]]:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, owner FROM jobs WHERE state = 'running'")).all()
+    engine.dispose()
+    return [(r.id, r.owner) for r in rows]
+
+
+def test_a_hundred_jobs_on_three_workers_with_two_killed_each_run_to_one_seg(intensity_bundle, tmp_path, pg_cluster):
+    """The chaos run: 100 jobs through two API replicas onto three workers, two of which are SIGKILLed mid-job (and
+    replaced, as a supervisor would) while jobs keep coming; every job succeeds once, Orthanc gets 100 distinct
+    SEGs, none stored twice."""
+    import random
+    import threading
+
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    rng = random.Random(7)
+    killed: list[str] = []  # the jobs that were running in a killed worker
+    stop = threading.Event()
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=3)
+
+        def chaos() -> None:
+            while len(killed) < 2 and not stop.is_set():
+                time.sleep(rng.uniform(2, 5))
+                for job_id, owner in running_jobs(url):
+                    victim = next((w for w in pool if w.proc.poll() is None and owner.endswith(f":{w.proc.pid}")),
+                                  None)
+                    if victim is not None:
+                        victim.kill()  # mid-job: its lease runs out, another worker runs it again
+                        killed.append(job_id)
+                        pool.append(Worker(victim.env, tmp_path / f"spare{len(killed)}.log").start())
+                        break
+        killer = threading.Thread(target=chaos, daemon=True)
+        killer.start()
+        jobs = []
+        for n in range(100):
+            image, _ = make_phantom((48, 48, 32), (2.0, 2.0, 3.0), "axial", seed=100 + n, noise=3.0)
+            jobs.append(upload(apis[n % 2], series_from_image(image)))
+        records = [apis[1].wait_finished(j, 300) for j in jobs]
+        stop.set()
+        killer.join(timeout=60)
+        assert [r["state"] for r in records].count("succeeded") == 100, [r for r in records if r["state"] != "succeeded"]
+        reruns = {r["id"] for r in records if r["attempt"] > 1}
+        wait_for(lambda: all(apis[0].job(j)["deliveries"][0]["state"] == "delivered" for j in jobs), 180, 1.0,
+                 "every SEG delivered")
+        time.sleep(3)
+        print(f"chaos: 100 jobs, {len(killed)} worker kills, {len(reruns)} job(s) run again, "
+              f"{orthanc.instance_count()} SEGs in Orthanc, {orthanc.new_instance_changes()} stores")
+        assert len(killed) == 2 and set(killed) <= reruns  # each killed run was run again, to success
+        assert orthanc.instance_count() == 100  # 100 distinct SEGs, one per job
+        assert orthanc.new_instance_changes() == 100  # none stored twice
+    finally:
+        stop.set()
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
+
+
+def test_a_job_whose_worker_dies_on_every_run_fails_after_the_attempt_limit_and_says_why(
+        intensity_bundle, tmp_path, pg_cluster):
+    """A poison job: every worker that takes it dies (SIGKILLed the moment it runs it, as a crash would); after
+    CTSEG_JOB_MAX_ATTEMPTS runs it is failed with the reason, no further worker is lost to it, and the next job
+    runs."""
+    url = pg_cluster.new_database()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis, pool = [], []
+    try:
+        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1, CTSEG_JOB_MAX_ATTEMPTS="2")
+        poison = upload(apis[0], long_series())
+        deaths = 0
+        while True:
+            record = apis[1].job(poison)
+            if record["state"] in ("failed", "succeeded"):
+                break
+            running = dict(running_jobs(url))
+            victim = next((w for w in pool if w.proc.poll() is None
+                           and running.get(poison, "").endswith(f":{w.proc.pid}")), None)
+            if victim is not None:
+                victim.kill()
+                deaths += 1
+                pool.append(Worker(victim.env, tmp_path / f"next{deaths}.log").start())
+            time.sleep(0.05)
+        assert record["state"] == "failed" and record["error_kind"] == "interrupted", record
+        assert "ran 2 time(s) without a result" in record["error"] and deaths == 2
+        image, _ = make_phantom((48, 48, 32), (2.0, 2.0, 3.0), "axial", seed=9, noise=3.0)
+        after = upload(apis[0], series_from_image(image))
+        assert apis[1].wait_finished(after, 120)["state"] == "succeeded"  # the workers go on
+        assert orthanc.new_instance_changes() <= 1  # nothing of the poison job was sent
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
