@@ -8,23 +8,8 @@
 # built here from the Dockerfile unless CTSEG_SCALE_NO_BUILD=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ENGINE=../shared/tools/container-engine.sh
-PY=${PY:-.venv/bin/python}
-log() { echo "docker-smoke-scale: $*"; }
-skip() { log "$1"; if [ "${CI:-}" = true ]; then log "FAILED: CI needs the Docker scale smoke test"; exit 1; fi; exit 0; }
-if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
-  if [ -x "$ENGINE" ]; then
-    bash "$ENGINE" start >/tmp/ctseg-engine.log 2>&1 || skip "SKIPPED: no Docker engine could be started (see /tmp/ctseg-engine.log)"
-  else
-    skip "SKIPPED: no Docker engine here and no $ENGINE to start one"
-  fi
-fi
-if [ -x "$ENGINE" ]; then
-  bash "$ENGINE" base >/tmp/ctseg-engine-base.log 2>&1 || { log "FAILED: could not build the base image"; cat /tmp/ctseg-engine-base.log; exit 1; }
-fi
-COMPOSE="docker-compose"
-command -v docker-compose >/dev/null || COMPOSE="docker compose"
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+NAME=docker-smoke-scale
+. .ci/docker-common.sh
 export CTSEG_BIND=127.0.0.1 CTSEG_IMAGE=${CTSEG_IMAGE:-ctseg:ci}
 export CTSEG_POSTGRES_IMAGE=ctseg-postgres:ci CTSEG_PROXY_IMAGE=ctseg-proxy:ci
 export CTSEG_PROXY_PORT=$(free_port) CTSEG_SCALE_DICOM_HOST_PORT=$(free_port)

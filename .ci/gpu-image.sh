@@ -8,25 +8,10 @@
 # where that fails; any failed check fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ENGINE=../shared/tools/container-engine.sh
-PY=${PY:-.venv/bin/python}
+NAME=gpu-image
+. .ci/docker-common.sh
 IMAGE=${CTSEG_GPU_IMAGE:-ctseg:gpu-ci}
-log() { echo "gpu-image: $*"; }
 fail() { log "FAILED: $*"; exit 1; }
-skip() { log "$1"; if [ "${CI:-}" = true ]; then fail "CI needs the CUDA image check"; fi; exit 0; }
-
-if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
-  if [ -x "$ENGINE" ]; then
-    bash "$ENGINE" start >/tmp/ctseg-engine.log 2>&1 || skip "SKIPPED: no Docker engine could be started (see /tmp/ctseg-engine.log)"
-  else
-    skip "SKIPPED: no Docker engine here and no $ENGINE to start one"
-  fi
-fi
-if [ -x "$ENGINE" ]; then
-  bash "$ENGINE" base >/tmp/ctseg-engine-base.log 2>&1 || { cat /tmp/ctseg-engine-base.log; fail "could not build the base image"; }
-fi
-COMPOSE="docker-compose"
-command -v docker-compose >/dev/null || COMPOSE="docker compose"
 
 start=$(date +%s)
 CTSEG_IMAGE=$IMAGE $COMPOSE -f docker-compose.yml -f docker-compose.gpu.yml build ctseg >/tmp/ctseg-gpu-build.log 2>&1 \
@@ -57,7 +42,6 @@ print(len(libs), "libraries checked; unresolved but the driver:", missing or "no
 sys.exit(1 if missing else 0)
 ' || fail "CUDA libraries do not all resolve in the image"
 
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 cid=$(docker run -d -p "127.0.0.1:$PORT:8000" -e CTSEG_DEVICE=cuda "$IMAGE") || fail "docker run"
 trap 'docker rm -f "$cid" >/dev/null 2>&1' EXIT

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from server.core.database import Database, StoreBusy
 from server.core.durable import private_storage
@@ -552,6 +553,13 @@ class SegmentationService:
         else:
             why = "nothing of it is held any more (released or discarded already, or no destination)"
         raise NothingHeld(f"cannot {verb} job {job_id}: {why}")
+
+    def viewer_link(self, job: Job) -> str | None:
+        """The job's study in the configured viewer (OHIF's URL form), once it has DICOM input with a study."""
+        viewer, staged = self.settings.viewer_url, job.staged
+        if not viewer or staged is None or not staged.study_uid:
+            return None
+        return f"{viewer.rstrip('/')}/viewer?StudyInstanceUIDs={quote(staged.study_uid)}"
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)

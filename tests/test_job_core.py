@@ -48,11 +48,14 @@ def test_a_second_service_on_the_same_storage_folder_refuses_to_start(intensity_
     Serve(intensity_bundle, storage, tmp_path / "second.log").start().kill()
 
 
-def test_the_api_process_killed_alone_its_worker_dies_and_the_job_ends_once(intensity_bundle, tmp_path):
+def api_killed_mid_job(bundle, tmp_path, check=None, **env: str) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of the API process alone while its worker runs a job: the orphan delivers nothing; after the restart
+    the job ends once and Orthanc holds one SEG. ``check(job_id)`` looks further (e.g. into PostgreSQL)."""
     orthanc = Orthanc(tmp_path / "orthanc").start()
     storage = tmp_path / "storage"
-    server = Serve(intensity_bundle, storage, tmp_path / "ctseg.log", CTSEG_SW_OVERLAP="0.75",
-                   CTSEG_DESTINATIONS=json.dumps([dicomweb_node("pacs", orthanc)]), CTSEG_DEFAULT_DESTINATIONS="pacs")
+    server = Serve(bundle, storage, tmp_path / "ctseg.log", CTSEG_SW_OVERLAP="0.75",
+                   CTSEG_DESTINATIONS=json.dumps([dicomweb_node("pacs", orthanc)]), CTSEG_DEFAULT_DESTINATIONS="pacs",
+                   **env)
     try:
         server.start()
         datasets = long_series()
@@ -72,9 +75,15 @@ def test_the_api_process_killed_alone_its_worker_dies_and_the_job_ends_once(inte
         time.sleep(3)
         assert len(orthanc.seg_series(datasets[0].StudyInstanceUID)) == 1
         assert orthanc.new_instance_changes() == 1  # one SEG, stored once
+        if check is not None:
+            check(job)
     finally:
         server.kill()
         orthanc.stop()
+
+
+def test_the_api_process_killed_alone_its_worker_dies_and_the_job_ends_once(intensity_bundle, tmp_path):
+    api_killed_mid_job(intensity_bundle, tmp_path)
 
 
 def test_a_paused_worker_past_its_lease_changes_nothing(intensity_bundle, tmp_path):

@@ -47,3 +47,21 @@ def test_a_dicom_output_of_a_nifti_input_is_refused_like_a_seg(client):  # noqa:
     r = post(client, [("ct.nii.gz", nifti_bytes(phantom("axial")[0]))], outputs="nifti,sr,sc")
     assert r.status_code == 422
     assert "sr, sc need DICOM input" in r.json()["detail"]
+
+
+def test_the_job_links_its_study_in_the_configured_viewer(intensity_bundle, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.core.settings import Settings
+
+    datasets = series_from_image(phantom("axial")[0])
+    settings = Settings(bundle_dirs=[intensity_bundle], storage_dir=tmp_path / "storage",
+                        viewer_url="http://127.0.0.1:3000/")
+    with TestClient(create_app(settings)) as c:
+        r = post(c, [(f"f{i}.dcm", to_bytes(ds)) for i, ds in enumerate(datasets)], outputs="dicom-seg")
+        assert r.status_code == 200, r.text
+        assert r.json()["viewer_url"] == (f"http://127.0.0.1:3000/viewer?StudyInstanceUIDs="
+                                          f"{datasets[0].StudyInstanceUID}")
+        nifti = post(c, [("ct.nii.gz", nifti_bytes(phantom("axial")[0]))])
+        assert nifti.json()["viewer_url"] is None  # no study to open

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -65,6 +66,27 @@ def cluster(tmp_path: Path, bundle: Path, url: str, orthanc: Orthanc, workers: i
     return apis, pool
 
 
+@contextmanager
+def scaled(tmp_path: Path, bundle: Path, pg: object, workers: int, **extra: str):  # type: ignore[no-untyped-def]
+    """A database of its own, an Orthanc, two API replicas and ``workers`` workers; everything killed at the end
+    (spare workers a test appends to the pool too), PostgreSQL running again if the test stopped it."""
+    url = pg.new_database()  # type: ignore[attr-defined]
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    apis: list[Serve] = []
+    pool: list[Worker] = []
+    try:
+        started = cluster(tmp_path, bundle, url, orthanc, workers, **extra)
+        apis += started[0]
+        pool += started[1]
+        yield url, orthanc, apis, pool
+    finally:
+        for p in [*pool, *apis]:
+            p.kill()
+        orthanc.stop()
+        if not pg._answers():  # type: ignore[attr-defined]
+            pg.start()  # type: ignore[attr-defined]
+
+
 def upload(api: Serve, datasets: list) -> str:
     files = [("files", (f"f{i}", to_bytes(ds), "application/dicom")) for i, ds in enumerate(datasets)]
     r = requests.post(api.url + "/v1/segmentations", files=files, timeout=120)
@@ -82,11 +104,7 @@ def owners(url: str) -> dict[str, tuple[str, int]]:
 
 def test_jobs_sent_to_either_api_replica_run_once_on_the_workers_and_each_seg_is_sent_once(
         intensity_bundle, tmp_path, pg_cluster):
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=2)
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=2) as (url, orthanc, apis, _pool):
         studies, jobs = [], []
         for n in range(4):
             image, _ = make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=n, noise=3.0)
@@ -103,19 +121,11 @@ def test_jobs_sent_to_either_api_replica_run_once_on_the_workers_and_each_seg_is
         assert orthanc.new_instance_changes() == 4  # four SEGs, each stored once
         ran_on = {owner for owner, _ in owners(url).values()}
         assert len(ran_on) >= 1 and all(owner for owner in ran_on)
-    finally:
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()
 
 
 def test_a_worker_killed_mid_job_its_job_runs_again_on_another_and_its_seg_is_sent_once(
         intensity_bundle, tmp_path, pg_cluster):
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1)
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=1) as (url, orthanc, apis, pool):
         datasets = long_series()
         job = upload(apis[0], datasets)
         wait_for(lambda: apis[1].job(job)["state"] == "running", 120, 0.05, "the job running")
@@ -131,10 +141,6 @@ def test_a_worker_killed_mid_job_its_job_runs_again_on_another_and_its_seg_is_se
         time.sleep(3)
         assert len(orthanc.seg_series(datasets[0].StudyInstanceUID)) == 1
         assert orthanc.new_instance_changes() == 1
-    finally:
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()
 
 
 def test_an_api_replica_killed_mid_upload_its_job_is_failed_by_another_and_frees_its_queue_slot(
@@ -142,11 +148,7 @@ def test_an_api_replica_killed_mid_upload_its_job_is_failed_by_another_and_frees
     import http.client
     import threading
 
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=0)
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=0) as (_url, _orthanc, apis, _pool):
         datasets = series_from_image(make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=1)[0])
         boundary = "ctsegboundary"
         parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}\"\r\n"
@@ -177,19 +179,11 @@ def test_an_api_replica_killed_mid_upload_its_job_is_failed_by_another_and_frees
         record = apis[1].wait_finished(job, 90)
         assert record["state"] == "failed" and "replica receiving" in record["error"], record
         assert not (tmp_path / "shared" / "jobs" / job / "input").exists()
-    finally:
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()
 
 
 def test_postgresql_restarted_mid_run_the_api_says_503_and_workers_carry_on_by_themselves(
         intensity_bundle, tmp_path, pg_cluster):
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1)
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=1) as (_url, orthanc, apis, pool):
         image, _ = make_phantom((64, 64, 40), (1.5, 1.5, 2.0), "axial", seed=3, noise=3.0)
         first = upload(apis[0], series_from_image(image))
         assert apis[1].wait_finished(first, 120)["state"] == "succeeded"
@@ -209,11 +203,6 @@ def test_postgresql_restarted_mid_run_the_api_says_503_and_workers_carry_on_by_t
         assert pool[0].proc.poll() is None
         wait_for(lambda: apis[0].job(second)["deliveries"][0]["state"] == "delivered", 60, 0.5, "the SEG delivered")
         assert orthanc.new_instance_changes() == 2
-    finally:
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()
-        pg_cluster.start() if not pg_cluster._answers() else None
 
 
 def running_jobs(url: str) -> list[tuple[str, str]]:
@@ -231,50 +220,43 @@ def test_a_hundred_jobs_on_three_workers_with_two_killed_each_run_to_one_seg(int
     import random
     import threading
 
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
     rng = random.Random(7)
     killed: list[str] = []  # the jobs that were running in a killed worker
     stop = threading.Event()
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=3)
-
-        def chaos() -> None:
-            while len(killed) < 2 and not stop.is_set():
-                time.sleep(rng.uniform(2, 5))
-                for job_id, owner in running_jobs(url):
-                    victim = next((w for w in pool if w.proc.poll() is None and owner.endswith(f":{w.proc.pid}")),
-                                  None)
-                    if victim is not None:
-                        victim.kill()  # mid-job: its lease runs out, another worker runs it again
-                        killed.append(job_id)
-                        pool.append(Worker(victim.env, tmp_path / f"spare{len(killed)}.log").start())
-                        break
-        killer = threading.Thread(target=chaos, daemon=True)
-        killer.start()
-        jobs = []
-        for n in range(100):
-            image, _ = make_phantom((48, 48, 32), (2.0, 2.0, 3.0), "axial", seed=100 + n, noise=3.0)
-            jobs.append(upload(apis[n % 2], series_from_image(image)))
-        records = [apis[1].wait_finished(j, 300) for j in jobs]
-        stop.set()
-        killer.join(timeout=60)
-        assert [r["state"] for r in records].count("succeeded") == 100, [r for r in records if r["state"] != "succeeded"]
-        reruns = {r["id"] for r in records if r["attempt"] > 1}
-        wait_for(lambda: all(apis[0].job(j)["deliveries"][0]["state"] == "delivered" for j in jobs), 180, 1.0,
-                 "every SEG delivered")
-        time.sleep(3)
-        print(f"chaos: 100 jobs, {len(killed)} worker kills, {len(reruns)} job(s) run again, "
-              f"{orthanc.instance_count()} SEGs in Orthanc, {orthanc.new_instance_changes()} stores")
-        assert len(killed) == 2 and set(killed) <= reruns  # each killed run was run again, to success
-        assert orthanc.instance_count() == 100  # 100 distinct SEGs, one per job
-        assert orthanc.new_instance_changes() == 100  # none stored twice
-    finally:
-        stop.set()
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=3) as (url, orthanc, apis, pool):
+        try:
+            def chaos() -> None:
+                while len(killed) < 2 and not stop.is_set():
+                    time.sleep(rng.uniform(2, 5))
+                    for job_id, owner in running_jobs(url):
+                        victim = next((w for w in pool if w.proc.poll() is None and owner.endswith(f":{w.proc.pid}")),
+                                      None)
+                        if victim is not None:
+                            victim.kill()  # mid-job: its lease runs out, another worker runs it again
+                            killed.append(job_id)
+                            pool.append(Worker(victim.env, tmp_path / f"spare{len(killed)}.log").start())
+                            break
+            killer = threading.Thread(target=chaos, daemon=True)
+            killer.start()
+            jobs = []
+            for n in range(100):
+                image, _ = make_phantom((48, 48, 32), (2.0, 2.0, 3.0), "axial", seed=100 + n, noise=3.0)
+                jobs.append(upload(apis[n % 2], series_from_image(image)))
+            records = [apis[1].wait_finished(j, 300) for j in jobs]
+            stop.set()
+            killer.join(timeout=60)
+            assert [r["state"] for r in records].count("succeeded") == 100, [r for r in records if r["state"] != "succeeded"]
+            reruns = {r["id"] for r in records if r["attempt"] > 1}
+            wait_for(lambda: all(apis[0].job(j)["deliveries"][0]["state"] == "delivered" for j in jobs), 180, 1.0,
+                     "every SEG delivered")
+            time.sleep(3)
+            print(f"chaos: 100 jobs, {len(killed)} worker kills, {len(reruns)} job(s) run again, "
+                  f"{orthanc.instance_count()} SEGs in Orthanc, {orthanc.new_instance_changes()} stores")
+            assert len(killed) == 2 and set(killed) <= reruns  # each killed run was run again, to success
+            assert orthanc.instance_count() == 100  # 100 distinct SEGs, one per job
+            assert orthanc.new_instance_changes() == 100  # none stored twice
+        finally:
+            stop.set()
 
 
 def test_a_job_whose_worker_dies_on_every_run_fails_after_the_attempt_limit_and_says_why(
@@ -282,11 +264,7 @@ def test_a_job_whose_worker_dies_on_every_run_fails_after_the_attempt_limit_and_
     """A poison job: every worker that takes it dies (SIGKILLed the moment it runs it, as a crash would); after
     CTSEG_JOB_MAX_ATTEMPTS runs it is failed with the reason, no further worker is lost to it, and the next job
     runs."""
-    url = pg_cluster.new_database()
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    apis, pool = [], []
-    try:
-        apis, pool = cluster(tmp_path, intensity_bundle, url, orthanc, workers=1, CTSEG_JOB_MAX_ATTEMPTS="2")
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=1, CTSEG_JOB_MAX_ATTEMPTS="2") as (url, orthanc, apis, pool):
         poison = upload(apis[0], long_series())
         deaths = 0
         while True:
@@ -307,7 +285,3 @@ def test_a_job_whose_worker_dies_on_every_run_fails_after_the_attempt_limit_and_
         after = upload(apis[0], series_from_image(image))
         assert apis[1].wait_finished(after, 120)["state"] == "succeeded"  # the workers go on
         assert orthanc.new_instance_changes() <= 1  # nothing of the poison job was sent
-    finally:
-        for p in [*pool, *apis]:
-            p.kill()
-        orthanc.stop()

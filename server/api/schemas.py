@@ -80,6 +80,8 @@ class JobOut(BaseModel):
     quality: QualityOut | None = Field(None, description="succeeded: signs the result may be wrong (from its "
                                        "volumes.json); None before, or for a job of a version without flags")
     deliveries: list[DeliveryOut]
+    viewer_url: str | None = Field(None, description="the study in the configured viewer (CTSEG_VIEWER_URL), for a "
+                                   "job with DICOM input")
     review: bool = Field(False, description="its deliveries wait (state held) until a person releases or discards "
                          "them: POST /v1/segmentations/{id}/release or /discard")
     attempt: int = Field(0, description="runs of this job so far (a run whose worker stopped is repeated)")
@@ -106,7 +108,8 @@ class PullRequest(BaseModel):
     series_uid: str = Field(min_length=1, max_length=64, pattern=r"^[0-9.]+$")
 
 
-def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = None) -> JobOut:
+def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = None,
+            viewer_url: str | None = None) -> JobOut:
     staged, origin = job.staged, job.origin
     return JobOut(
         id=job.id, state=job.state, model=job.model,
@@ -128,6 +131,7 @@ def job_out(job: Job, deliveries: list[Delivery], quality: StoredFlags | None = 
                                 next_attempt=d.next_attempt if d.state == DeliveryState.PENDING else None,
                                 delivered_at=d.delivered_at) for d in deliveries],
         review=job.spec.review, attempt=job.attempt, supersedes=job.supersedes, superseded_by=job.superseded_by,
+        viewer_url=viewer_url,
     )
 
 

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     worker_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="role worker: the models (bundle names) it serves, comma-separated; "
                                           "empty: every bundle it has")
+    viewer_url: str | None = Field(None, description="a web viewer (OHIF, docker-compose --profile pacs: "
+                                   "http://127.0.0.1:3000) reading the same PACS: each job with DICOM input links "
+                                   "its study there (viewer_url)")
     database_url: SecretStr | None = Field(None, description="the job database: unset, SQLite in the storage "
                                            "folder; postgresql://user:password@host/db, the store several machines "
                                            "share (migrated at start, or by `ctseg db upgrade`)")

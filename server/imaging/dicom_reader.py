@@ -958,6 +958,7 @@ class SeriesChoice:
     modality: str
     notes: list[str]  # what reading skipped or repaired
     lossy_methods: tuple[str, ...] = ()  # lossy compressions among the instances (lossy_method); empty: none
+    study_uid: str = ""  # the series' study (empty where the input has none)
 
     @property
     def lossy(self) -> bool:
@@ -995,7 +996,7 @@ def inspect_series(blobs: Iterable[tuple[str, object]], series_uid: str | None =
             plan = plan_series(items)
     return SeriesChoice(uid, [str(getattr(ds, "filename", "") or "") for ds in items], plan.geometry,
                         str(getattr(items[0], "Modality", "") or ""), report.notes() + left_out + lossy_note(items),
-                        lossy_methods(items))
+                        lossy_methods(items), _uid(items[0], "StudyInstanceUID"))
 
 
 def load_series(blobs: Iterable[tuple[str, object]], series_uid: str | None = None,

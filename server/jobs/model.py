@@ -73,6 +73,7 @@ class StagedInput:
     display_name: str  # what messages call the input: never a file name
     origin: Origin
     notes: tuple[str, ...] = field(default=())  # what staging skipped or repaired
+    study_uid: str | None = None  # DICOM: the chosen series' study (the viewer opens it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", InputKind(self.kind))
@@ -82,12 +83,13 @@ class StagedInput:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "files": list(self.files), "series_uid": self.series_uid,
-                "display_name": self.display_name, "origin": self.origin.to_dict(), "notes": list(self.notes)}
+                "display_name": self.display_name, "origin": self.origin.to_dict(), "notes": list(self.notes),
+                "study_uid": self.study_uid}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StagedInput:
         return cls(InputKind(data["kind"]), tuple(data["files"]), data.get("series_uid"), data["display_name"],
-                   Origin.from_dict(data["origin"]), tuple(data.get("notes", ())))
+                   Origin.from_dict(data["origin"]), tuple(data.get("notes", ())), data.get("study_uid"))
 
 
 @dataclass(frozen=True)

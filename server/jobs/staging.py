@@ -45,6 +45,7 @@ class Selection:
     series_uid: str | None
     display_name: str
     notes: list[str]
+    study_uid: str | None = None
 
 
 def select_input(paths: list[Path], series_uid: str | None, modalities: set[str],
@@ -68,7 +69,8 @@ def select_input(paths: list[Path], series_uid: str | None, modalities: set[str]
     check_spacing(choice.geometry.spacing)
     chosen = [Path(f) for f in choice.files]
     return Selection(InputKind.DICOM, chosen, choice.series_uid,
-                     f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices", choice.notes)
+                     f"{choice.modality or 'DICOM'} series of {choice.geometry.shape[0]} slices", choice.notes,
+                     choice.study_uid or None)
 
 
 def unpack_zips(inbox: Path, limits: ZipLimits) -> None:
@@ -100,4 +102,4 @@ def stage(inbox: Path, origin: Origin, series_uid: str | None, modalities: set[s
             path.unlink()  # other series, non-image objects: the worker never sees them
     files = tuple(str(p.resolve().relative_to(inbox.resolve())) for p in selection.files)
     return StagedInput(selection.kind, files, selection.series_uid, selection.display_name, origin,
-                       tuple(selection.notes))
+                       tuple(selection.notes), selection.study_uid)

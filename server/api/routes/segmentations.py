@@ -71,7 +71,7 @@ def _parse_phase(value: str | None) -> PhaseChoice | None:
 
 
 def _public(service: SegmentationService, job: Job) -> JobOut:
-    return job_out(job, service.deliveries(job.id), _quality(service, job))
+    return job_out(job, service.deliveries(job.id), _quality(service, job), service.viewer_link(job))
 
 
 def _quality(service: SegmentationService, job: Job) -> StoredFlags | None:
