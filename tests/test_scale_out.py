@@ -285,3 +285,37 @@ def test_a_job_whose_worker_dies_on_every_run_fails_after_the_attempt_limit_and_
         after = upload(apis[0], series_from_image(image))
         assert apis[1].wait_finished(after, 120)["state"] == "succeeded"  # the workers go on
         assert orthanc.new_instance_changes() <= 1  # nothing of the poison job was sent
+
+
+def test_deliveries_a_killed_api_replica_had_claimed_are_sent_by_the_other_after_their_lease(
+        intensity_bundle, tmp_path, pg_cluster):
+    """Replica A holds the claim of a delivery and dies (SIGKILL) before sending it; replica B sends it once the
+    claim's lease (10 network timeouts, at least 30 s) has run out: one SEG in Orthanc."""
+    import os
+    import signal
+
+    from server.core.database import Database
+    from server.jobs.sql_store import SqlJobStore
+
+    with scaled(tmp_path, intensity_bundle, pg_cluster, workers=1) as (url, orthanc, apis, _pool):
+        image, _ = make_phantom((48, 48, 32), (2.0, 2.0, 3.0), "axial", seed=11, noise=3.0)
+        files = [("files", (f"f{i}", to_bytes(ds), "application/dicom"))
+                 for i, ds in enumerate(series_from_image(image))]
+        r = requests.post(apis[0].url + "/v1/segmentations", files=files, params={"review": "true"}, timeout=120)
+        job = r.json()["id"]
+        assert apis[1].wait_finished(job, 120)["state"] == "succeeded"  # its delivery held: nobody sends it
+        for api in apis:  # both replicas frozen: no sender of theirs can take the delivery meanwhile
+            os.kill(api.proc.pid, signal.SIGSTOP)
+        store = SqlJobStore(Database(url), migrate=False)
+        assert store.release_held(job) == 1
+        (claimed,) = store.claim_deliveries("pacs", time.time(), 30.0, 8)  # replica A's claim (lease: 30 s) ...
+        store.close()
+        apis[0].kill()  # ... and A dies holding it
+        claimed_at = time.time()
+        os.kill(apis[1].proc.pid, signal.SIGCONT)
+        time.sleep(5)
+        assert orthanc.instance_count() == 0  # B leaves a live claim alone
+        wait_for(lambda: apis[1].job(job)["deliveries"][0]["state"] == "delivered", 90, 0.5, "B sent it")
+        assert time.time() - claimed_at >= 29  # only once the claim had run out
+        time.sleep(2)
+        assert orthanc.new_instance_changes() == 1
