@@ -370,7 +370,8 @@ class ArrivalStore:
                 return True
             if not self._run("drop a series", body):
                 return False
-            shutil.rmtree(self.folder(series_uid), ignore_errors=True)  # rows first: a crash leaves an orphan folder
+            if not self.shared:  # (shared: removed under the lock above; here another receiver may be storing)
+                shutil.rmtree(self.folder(series_uid), ignore_errors=True)  # rows first: a crash leaves an orphan
             return True
 
     def waiting(self) -> dict[str, int]:

@@ -319,7 +319,6 @@ class DicomListener:
         self._max_bytes = settings.dicom_max_instance_mb * 2**20
         self._verify = Senders(settings.destinations)
         self._swept = 0.0
-        self._renewed = 0.0
         self._told_waiting: set[str] = set()
         self._stopping = threading.Event()
         self._router: threading.Thread | None = None
@@ -354,6 +353,9 @@ class DicomListener:
         host = s.dicom_host or s.host
         self._server = ae.start_server((host, s.dicom_port), block=False, evt_handlers=handlers)
         self._router = threading.Thread(target=self._route_loop, name="ctseg-dicom-router", daemon=True)
+        # its own thread: a long routing round (a big series staged, a slow database) must not let this receiver's
+        # open associations look dead to the other receivers
+        threading.Thread(target=self._renew_loop, name="ctseg-dicom-renew", daemon=True).start()
         self._router.start()
         log.info("DICOM listener %s on %s:%d (%s; %s)", s.dicom_ae_title, host, s.dicom_port,
                  "calling AE titles " + ", ".join(s.dicom_allowed_ae_titles) if s.dicom_allowed_ae_titles
@@ -597,6 +599,14 @@ class DicomListener:
         return StoreStatus.SUCCESS
 
     # ------------------------------------------------------------------------------------------------ hand-over
+    def _renew_loop(self) -> None:
+        """Several receivers: ours are alive, and a dead receiver's open associations become aborted."""
+        while not self._stopping.wait(self.arrivals.stale_s / 6):
+            try:
+                self.arrivals.heartbeat()
+            except Exception:  # noqa: BLE001 - the next round tries again, well within the stale limit
+                log.warning("this receiver's associations could not be renewed this round")
+
     def _route_loop(self) -> None:
         every = min(1.0, self.settings.dicom_stable_seconds / 4)
         while not self._stopping.wait(every):
@@ -608,9 +618,6 @@ class DicomListener:
     def route_due(self) -> None:
         s = self.settings
         now = time.time()
-        if now - self._renewed >= self.arrivals.stale_s / 6:  # several receivers: ours are alive, a dead one's not
-            self.arrivals.heartbeat()
-            self._renewed = now
         waiting = {"receiving": 0, "incomplete": 0}
         for series in self.arrivals.due(now - s.dicom_stable_seconds):
             if self._stopping.is_set():

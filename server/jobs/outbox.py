@@ -112,9 +112,13 @@ class DestinationSender:
             return True
         fallback = ob.files.result_path(job, ResultFile.SEG_BINARY) if delivery.object == ResultFile.SEG else None
         t = time.perf_counter()
+        renewing = self._renew_while_sending(delivery)
         try:
-            warning = ob.send(self.node, path, ob.settings.dicom_ae_title,
-                              fallback if fallback is not None and fallback.is_file() else None)
+            try:
+                warning = ob.send(self.node, path, ob.settings.dicom_ae_title,
+                                  fallback if fallback is not None and fallback.is_file() else None)
+            finally:
+                renewing.set()  # before the outcome is recorded (a renewal after it would change nothing anyway)
         except RejectedDelivery as err:
             ob.record(delivery, DeliveryState.FAILED, str(err))
             return True
@@ -138,6 +142,21 @@ class DestinationSender:
             drained = ob.store.expedite(self.node.name, time.time())
             log.info("destination %s answers again: its %d other pending SEG(s) go now", self.node.name, drained)
         return True
+
+    def _renew_while_sending(self, delivery: Delivery) -> threading.Event:
+        """A long send (a large SEG over a slow link) keeps its claim: renewed every third of the lease until the
+        returned event is set, so no other replica takes the delivery over and sends it a second time."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    if not self.outbox.store.begin_send(delivery, self.lease_s):
+                        return  # superseded or given up meanwhile: nothing left to hold
+                except Exception:  # noqa: BLE001 - the next renewal tries again; the lease is still a third left
+                    log.warning("delivery %d: its claim could not be renewed this time", delivery.id)
+        threading.Thread(target=renew, name=f"ctseg-claim-{delivery.id}", daemon=True).start()
+        return done
 
     def _answers(self) -> bool:
         """The cheap check while the breaker is open; False (and the next check later) if it still does not answer."""
